@@ -1,0 +1,107 @@
+"""A local Prefect server for the UI: start it once in the background, reuse it after.
+
+The server runs on loopback with SQLite under ``PREFECT_HOME``; its pid and log
+live in ``<expflow home>/server/``. Used by ``make demo``/``make server`` and
+``expflow server start|stop|status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from expflow_flows.errors import ExpflowError
+from expflow_flows.home import expflow_home
+
+DEFAULT_PORT = 4200
+
+
+def api_url(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> str:
+    """The API address a client sets as ``PREFECT_API_URL``."""
+    return f"http://{host}:{port}/api"
+
+
+def is_healthy(port: int = DEFAULT_PORT, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
+    """True when a Prefect server answers its health check on that port."""
+    try:
+        with urllib.request.urlopen(f"{api_url(port, host)}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _state_dir() -> Path:
+    d = expflow_home() / "server"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _prefect_exe() -> str:
+    exe = Path(sys.executable).with_name("prefect")
+    return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
+
+
+def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", wait: float = 120.0) -> tuple[str, bool]:
+    """Start a server unless one is healthy already; returns (API URL, started_now)."""
+    if is_healthy(port, host):
+        return api_url(port, host), False
+    state = _state_dir()
+    log_path = state / f"server-{port}.log"
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.pop("PREFECT_API_URL", None)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [_prefect_exe(), "server", "start", "--host", host, "--port", str(port), "--analytics-off"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    (state / f"server-{port}.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ExpflowError(
+                f"the Prefect server exited with code {proc.returncode} "
+                f"(port {port} busy?); see {log_path}"
+            )
+        if is_healthy(port, host):
+            return api_url(port, host), True
+        time.sleep(0.5)
+    raise ExpflowError(f"the Prefect server did not become healthy in {wait:.0f} s; see {log_path}")
+
+
+def stop(port: int = DEFAULT_PORT, timeout: float = 15.0) -> bool:
+    """Stop the server this package started on ``port``; False when none was running."""
+    pid_file = _state_dir() / f"server-{port}.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().strip() or 0)
+    pid_file.unlink()
+    if pid <= 0:
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.2)
+    return True

@@ -1,0 +1,591 @@
+"""The trainable contract: run a callable or a script on parameters, get metrics back.
+
+A trainable is named by a string:
+
+* ``package.module:function`` is imported and called in-process as
+  ``function(params)`` or ``function(params, run)`` where ``run`` is a
+  :class:`RunContext` (run directory, budget, upstream run, ``report`` for
+  intermediate values). It returns a dict of metrics.
+* ``path/to/script.py`` (or any executable) runs as a subprocess with
+  ``--name value`` arguments. It writes metrics as JSON to the file named by
+  ``EXPFLOW_METRICS_FILE`` or prints ``EXPFLOW_METRIC name=value`` lines;
+  ``EXPFLOW_METRIC step=N name=value`` lines are intermediate values.
+
+Every run writes its run directory (see :mod:`expflow_flows.rundir`) and ends in
+one status: ok, warning (ok, but the log holds warnings), pruned (stopped early
+by the pruner) or failed (with the reason). A failure is never silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from expflow_flows.errors import ExpflowError
+from expflow_flows.rundir import RunDir
+
+CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+METRIC_LINE_RE = re.compile(r"^\s*EXPFLOW_METRIC\s+(?P<body>.+?)\s*$")
+WARNING_RE = re.compile(r"warning", re.IGNORECASE)
+
+Status = Literal["ok", "warning", "pruned", "failed"]
+ArgStyle = Literal["argparse", "equals", "hydra"]
+ARG_STYLES = ("argparse", "equals", "hydra")
+
+# Called with (step, values); returns True when the run should stop (pruned).
+ReportHook = Callable[[int, dict[str, float]], bool]
+
+
+class Pruned(Exception):
+    """Raised inside a callable trainable by ``run.report`` when the pruner stops it."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much a run may spend; the trainable reads it (epochs, steps or seconds)."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def from_value(cls, value: Budget | dict | None) -> Budget:
+        """Build a budget from a dict such as ``{"epochs": 20}``; unknown keys are an error."""
+        if value is None:
+            return cls()
+        if isinstance(value, Budget):
+            return value
+        if not isinstance(value, dict):
+            raise ExpflowError(
+                f"budget {value!r} is not a mapping; expected keys epochs, steps, seconds"
+            )
+        unknown = sorted(set(value) - {"epochs", "steps", "seconds"})
+        if unknown:
+            raise ExpflowError(
+                f"budget key {unknown[0]!r} is not known; expected epochs, steps or seconds"
+            )
+        out: dict[str, Any] = {}
+        for key, val in value.items():
+            if val is None:
+                continue
+            try:
+                num = float(val)
+            except (TypeError, ValueError):
+                raise ExpflowError(f"budget {key}={val!r} is not a number") from None
+            if not math.isfinite(num) or num <= 0:
+                raise ExpflowError(f"budget {key}={val!r} must be a positive number")
+            out[key] = num if key == "seconds" else int(num)
+        return cls(**out)
+
+    def as_dict(self) -> dict[str, float]:
+        """The budget's set fields."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def as_env(self) -> dict[str, str]:
+        """Environment variables a script reads its budget from."""
+        return {f"EXPFLOW_BUDGET_{k.upper()}": str(v) for k, v in self.as_dict().items()}
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A parsed trainable reference: a callable ``module:function`` or a script path."""
+
+    spec: str
+    kind: Literal["callable", "script"]
+
+    @classmethod
+    def parse(cls, spec: str) -> Trainable:
+        """Classify ``spec``; an empty or malformed spec is an error."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ExpflowError(
+                f"trainable {spec!r} is empty; expected 'package.module:function' or a script path"
+            )
+        spec = spec.strip()
+        if CALLABLE_RE.match(spec) and not spec.endswith(".py"):
+            return cls(spec, "callable")
+        return cls(spec, "script")
+
+    def check(self) -> None:
+        """Fail early, with one clear line, if the trainable cannot be found."""
+        if self.kind == "callable":
+            resolve_callable(self.spec)
+            return
+        path = Path(self.spec).expanduser()
+        if not path.exists():
+            raise ExpflowError(
+                f"trainable script {self.spec!r} does not exist (looked in {Path.cwd()}); "
+                "expected a script path or 'package.module:function'"
+            )
+        if path.is_dir():
+            raise ExpflowError(f"trainable script {self.spec!r} is a directory, not a script")
+
+
+def resolve_callable(spec: str) -> Callable[..., Any]:
+    """Import ``module:function``; a missing module or attribute is an ExpflowError."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExpflowError(
+            f"trainable {spec!r}: cannot import module {module_name!r} ({exc})"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise ExpflowError(f"trainable {spec!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+@dataclass
+class RunContext:
+    """What a callable trainable gets besides its params."""
+
+    run_dir: Path
+    budget: Budget = field(default_factory=Budget)
+    upstream: Path | None = None
+    hook: ReportHook | None = None
+    intermediate: list[dict[str, Any]] = field(default_factory=list)
+
+    def report(self, step: int, **values: float) -> None:
+        """Record intermediate values; raises :class:`Pruned` when the pruner says stop."""
+        clean = {k: float(v) for k, v in values.items()}
+        self.intermediate.append({"step": int(step), **clean})
+        if self.hook is not None and self.hook(int(step), clean):
+            raise Pruned(f"pruned at step {step}")
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run: status, reason, metrics and where it lives."""
+
+    run_dir: Path
+    status: Status
+    metrics: dict[str, float]
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+    intermediate: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True for ok and warning (a usable result)."""
+        return self.status in ("ok", "warning")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view."""
+        d = asdict(self)
+        d["run_dir"] = str(self.run_dir)
+        return d
+
+
+def format_args(params: dict[str, Any], style: ArgStyle = "argparse") -> list[str]:
+    """Command-line arguments for a script: ``--name value`` (argparse), ``--name=value`` or ``++name=value`` (Hydra)."""
+    if style not in ARG_STYLES:
+        raise ExpflowError(f"argument style {style!r} is not known; expected one of {ARG_STYLES}")
+    args: list[str] = []
+    for name, value in params.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, dict)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        if style == "argparse":
+            args += [f"--{name}", text]
+        elif style == "equals":
+            args.append(f"--{name}={text}")
+        else:
+            args.append(f"++{name}={text}")
+    return args
+
+
+def parse_metric_line(line: str) -> tuple[int | None, dict[str, float]] | None:
+    """Parse ``EXPFLOW_METRIC [step=N] name=value ...``; None if the line is not one."""
+    match = METRIC_LINE_RE.match(line)
+    if not match:
+        return None
+    step: int | None = None
+    values: dict[str, float] = {}
+    for token in match.group("body").split():
+        name, sep, raw = token.partition("=")
+        if not sep or not name:
+            continue
+        if name == "step":
+            try:
+                step = int(float(raw))
+            except ValueError:
+                continue
+            continue
+        try:
+            values[name] = float(raw)
+        except ValueError:
+            continue
+    return step, values
+
+
+def _clean_metrics(raw: Any, origin: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise _RunFailure(f"{origin} gave {type(raw).__name__}, expected a dict of metrics")
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise _RunFailure(
+                    f"{origin}: metric {key!r} is not a number: {value!r}"
+                ) from None
+        out[str(key)] = float(value)
+    return out
+
+
+class _RunFailure(Exception):
+    pass
+
+
+def run_trainable(
+    trainable: str | Trainable,
+    params: dict[str, Any],
+    run_dir: Path | str,
+    *,
+    budget: Budget | dict | None = None,
+    upstream: Path | str | None = None,
+    hook: ReportHook | None = None,
+    timeout: float | None = None,
+    arg_style: ArgStyle = "argparse",
+    extra_env: dict[str, str] | None = None,
+) -> RunResult:
+    """Run ``trainable`` on ``params`` in ``run_dir`` and record everything there.
+
+    Never raises for a failing trainable: the failure is in the result and in the
+    run directory's ``status`` file.
+    """
+    spec = trainable if isinstance(trainable, Trainable) else Trainable.parse(trainable)
+    budget = Budget.from_value(budget)
+    rd = RunDir.create(Path(run_dir))
+    rd.write_params(params)
+    started = time.time()
+    cpu0 = time.process_time()
+    meta: dict[str, Any] = {
+        "trainable": spec.spec,
+        "kind": spec.kind,
+        "budget": budget.as_dict(),
+        "upstream": str(upstream) if upstream else None,
+        "started_at": started,
+        "pid": os.getpid(),
+    }
+    if spec.kind == "callable":
+        result = _run_callable(spec, params, rd, budget, upstream, hook)
+        meta["cpu_s"] = round(time.process_time() - cpu0, 3)
+    else:
+        result = _run_script(
+            spec, params, rd, budget, upstream, hook, timeout, arg_style, extra_env or {}
+        )
+        meta.update(result.pop("meta", {}))
+    status, reason, metrics, intermediate = (
+        result["status"],
+        result["reason"],
+        result["metrics"],
+        result["intermediate"],
+    )
+    found_warnings = rd.scan_warnings(WARNING_RE)
+    if status == "ok" and found_warnings:
+        status = "warning"
+    ended = time.time()
+    meta.update({"ended_at": ended, "wall_s": round(ended - started, 3), "status": status})
+    rd.write_metrics(metrics)
+    rd.write_intermediate(intermediate)
+    rd.write_metadata(meta)
+    rd.write_status(status, reason, found_warnings)
+    return RunResult(
+        run_dir=rd.path,
+        status=status,
+        metrics=metrics,
+        reason=reason,
+        warnings=found_warnings,
+        intermediate=intermediate,
+        wall_s=round(ended - started, 3),
+    )
+
+
+class _LogHandler(logging.Handler):
+    def __init__(self, stream: io.TextIOBase):
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.write(self.format(record) + "\n")
+
+
+_capture_lock = threading.Lock()
+
+
+def _run_callable(
+    spec: Trainable,
+    params: dict[str, Any],
+    rd: RunDir,
+    budget: Budget,
+    upstream: Path | str | None,
+    hook: ReportHook | None,
+) -> dict[str, Any]:
+    ctx = RunContext(
+        run_dir=rd.path,
+        budget=budget,
+        upstream=Path(upstream) if upstream else None,
+        hook=hook,
+    )
+    status: Status = "ok"
+    reason = ""
+    metrics: dict[str, float] = {}
+    # stdout/stderr redirection is process-wide, so callables that share a process
+    # (thread runners) are captured one at a time.
+    with _capture_lock, open(rd.log_path, "a", encoding="utf-8") as log:
+        handler = _LogHandler(log)
+        root = logging.getLogger()
+        root.addHandler(handler)
+        old_env = {k: os.environ.get(k) for k in ("EXPFLOW_RUN_DIR",)}
+        os.environ["EXPFLOW_RUN_DIR"] = str(rd.path)
+        try:
+            with (
+                contextlib.redirect_stdout(log),
+                contextlib.redirect_stderr(log),
+                warnings.catch_warnings(record=True) as caught,
+            ):
+                warnings.simplefilter("always")
+                try:
+                    fn = resolve_callable(spec.spec)
+                    raw = fn(dict(params), ctx) if _takes_run(fn) else fn(dict(params))
+                    metrics = _clean_metrics(raw, f"trainable {spec.spec!r}")
+                    if not metrics:
+                        raise _RunFailure(f"trainable {spec.spec!r} reported no metrics")
+                except Pruned as exc:
+                    status, reason = "pruned", str(exc)
+                except _RunFailure as exc:
+                    status, reason = "failed", str(exc)
+                except ExpflowError as exc:
+                    status, reason = "failed", str(exc)
+                except BaseException as exc:  # noqa: BLE001 - a trainable's crash is its result
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    traceback.print_exc(file=log)
+                    status, reason = "failed", f"raised {type(exc).__name__}: {exc}"
+            for w in caught:
+                log.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
+        finally:
+            root.removeHandler(handler)
+            for key, value in old_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    return {
+        "status": status,
+        "reason": reason,
+        "metrics": metrics,
+        "intermediate": ctx.intermediate,
+    }
+
+
+def _takes_run(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
+
+
+def script_command(path: Path, params: dict[str, Any], arg_style: ArgStyle) -> list[str]:
+    """The command line a script trainable runs with; raises _RunFailure if it cannot run."""
+    if not path.exists():
+        raise _RunFailure(f"script {str(path)!r} does not exist")
+    if path.is_dir():
+        raise _RunFailure(f"script {str(path)!r} is a directory")
+    args = format_args(params, arg_style)
+    if path.suffix == ".py":
+        return [sys.executable, str(path), *args]
+    if not os.access(path, os.X_OK):
+        raise _RunFailure(
+            f"script {str(path)!r} is not runnable: not a .py file and not executable (chmod +x)"
+        )
+    return [str(path.resolve()), *args]
+
+
+def _run_script(
+    spec: Trainable,
+    params: dict[str, Any],
+    rd: RunDir,
+    budget: Budget,
+    upstream: Path | str | None,
+    hook: ReportHook | None,
+    timeout: float | None,
+    arg_style: ArgStyle,
+    extra_env: dict[str, str],
+) -> dict[str, Any]:
+    intermediate: list[dict[str, Any]] = []
+    printed: dict[str, float] = {}
+    metrics_file = rd.path / "metrics.json"
+    env = dict(os.environ)
+    # A parent's tracking state must not leak into the child run.
+    for key in ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID"):
+        env.pop(key, None)
+    env.update(
+        {
+            "EXPFLOW_RUN_DIR": str(rd.path),
+            "EXPFLOW_METRICS_FILE": str(metrics_file),
+            "PYTHONUNBUFFERED": "1",
+            **budget.as_env(),
+            **extra_env,
+        }
+    )
+    if upstream:
+        env["EXPFLOW_UPSTREAM_RUN_DIR"] = str(upstream)
+    meta: dict[str, Any] = {}
+    try:
+        cmd = script_command(Path(spec.spec).expanduser(), params, arg_style)
+    except _RunFailure as exc:
+        rd.log_path.write_text(f"expflow: {exc}\n", encoding="utf-8")
+        return {"status": "failed", "reason": str(exc), "metrics": {}, "intermediate": []}
+    meta["command"] = cmd
+    pruned_at: int | None = None
+    timed_out = False
+    with open(rd.log_path, "a", encoding="utf-8") as log:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            reason = f"script {spec.spec!r} could not start: {exc.strerror or exc}"
+            log.write(f"expflow: {reason}\n")
+            return {"status": "failed", "reason": reason, "metrics": {}, "intermediate": []}
+        meta["child_pid"] = proc.pid
+        timer = None
+        if timeout:
+
+            def _expire() -> None:
+                nonlocal timed_out
+                timed_out = True
+                _terminate(proc)
+
+            timer = threading.Timer(timeout, _expire)
+            timer.daemon = True
+            timer.start()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            parsed = parse_metric_line(line)
+            if parsed is None:
+                continue
+            step, values = parsed
+            if step is None:
+                printed.update(values)
+                continue
+            intermediate.append({"step": step, **values})
+            if hook is not None and pruned_at is None and hook(step, values):
+                pruned_at = step
+                _terminate(proc)
+        returncode = proc.wait()
+        if timer is not None:
+            timer.cancel()
+        log.flush()
+    meta["returncode"] = returncode
+    if pruned_at is not None:
+        return _script_outcome("pruned", f"pruned at step {pruned_at}", {}, intermediate, meta)
+    if timed_out:
+        return _script_outcome(
+            "failed", f"timed out after {timeout:g} s and was stopped", {}, intermediate, meta
+        )
+    if returncode != 0:
+        tail = rd.log_tail(1)
+        why = f"exited with code {returncode}"
+        if returncode < 0:
+            why = f"was killed by signal {-returncode}"
+        reason = f"script {spec.spec!r} {why}" + (f": {tail}" if tail else "")
+        return _script_outcome("failed", reason, {}, intermediate, meta)
+    metrics = dict(printed)
+    try:
+        if metrics_file.exists():
+            try:
+                from_file = json.loads(metrics_file.read_text(encoding="utf-8") or "null")
+            except json.JSONDecodeError as exc:
+                raise _RunFailure(
+                    f"metrics file {metrics_file.name} is not valid JSON ({exc.msg})"
+                ) from None
+            metrics.update(_clean_metrics(from_file, "EXPFLOW_METRICS_FILE"))
+        metrics = _clean_metrics(metrics, "printed metrics")
+    except _RunFailure as exc:
+        return _script_outcome("failed", str(exc), {}, intermediate, meta)
+    if not metrics:
+        return _script_outcome(
+            "failed",
+            f"script {spec.spec!r} reported no metrics (write JSON to $EXPFLOW_METRICS_FILE "
+            "or print 'EXPFLOW_METRIC name=value')",
+            {},
+            intermediate,
+            meta,
+        )
+    return _script_outcome("ok", "", metrics, intermediate, meta)
+
+
+def _script_outcome(
+    status: Status,
+    reason: str,
+    metrics: dict[str, float],
+    intermediate: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "status": status,
+        "reason": reason,
+        "metrics": metrics,
+        "intermediate": intermediate,
+        "meta": meta,
+    }
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a script and its children: SIGTERM to its process group, then SIGKILL."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+
+    def _escalate() -> None:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    threading.Thread(target=_escalate, daemon=True).start()

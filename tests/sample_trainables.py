@@ -1,0 +1,58 @@
+"""Trainables used by the tests: each behaves in one way a real training function can."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+
+def quadratic(params, run):
+    """Minimum at x=2; reports a converging value each step so pruners have data."""
+    x = float(params["x"])
+    steps = run.budget.epochs or 3
+    loss = (x - 2.0) ** 2
+    for step in range(1, steps + 1):
+        run.report(step, loss=loss + 1.0 / step)
+    print(f"x={x} loss={loss}")
+    (run.run_dir / "model.txt").write_text(str(x))
+    return {"loss": loss, "score": -loss}
+
+
+def params_only(params):
+    return {"value": float(params.get("a", 1)) * 2}
+
+
+def raises(params, run):
+    print("about to fail")
+    raise ValueError("diverged at step 3")
+
+
+def returns_list(params):
+    return [1, 2, 3]
+
+
+def returns_empty(params):
+    return {}
+
+
+def returns_text_metric(params):
+    return {"loss": "low"}
+
+
+def warns(params):
+    warnings.warn("learning rate looks high", RuntimeWarning, stacklevel=1)
+    return {"loss": 1.0}
+
+
+def fails_when_negative(params, run):
+    if float(params["x"]) < 0:
+        raise RuntimeError("negative x is not supported")
+    return {"loss": (float(params["x"]) - 2.0) ** 2}
+
+
+def always_fails(params):
+    raise RuntimeError("this trainable always fails")
+
+
+def nan_loss(params):
+    return {"loss": math.nan}
