@@ -158,9 +158,8 @@ def tell_result(
     value = result.metrics.get(objective)
     if value is None or not math.isfinite(value):
         known = ", ".join(sorted(result.metrics)) or "none"
-        reason = (
-            f"objective metric {objective!r} "
-            + ("is not finite" if value is not None else f"was not reported (reported: {known})")
+        reason = f"objective metric {objective!r} " + (
+            "is not finite" if value is not None else f"was not reported (reported: {known})"
         )
         trial.set_user_attr("reason", reason)
         study.tell(trial, state=TrialState.FAIL)

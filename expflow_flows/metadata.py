@@ -12,7 +12,16 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("expflow-flows", "prefect", "prefect-dask", "dask", "distributed", "optuna", "numpy", "h5py")
+PACKAGES = (
+    "expflow-flows",
+    "prefect",
+    "prefect-dask",
+    "dask",
+    "distributed",
+    "optuna",
+    "numpy",
+    "h5py",
+)
 
 
 def git_version(path: Path | str = ".") -> dict[str, Any]:

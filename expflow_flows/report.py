@@ -22,7 +22,9 @@ def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
     figs: list[tuple[str, Any]] = [
         ("Optimization history", lambda: vis.plot_optimization_history(study))
     ]
-    varied = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
+    varied = {
+        k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1
+    }
     if len(complete) >= 2 and varied:
         figs.append(("Parameter importances", lambda: vis.plot_param_importances(study)))
         figs.append(("Parallel coordinates", lambda: vis.plot_parallel_coordinate(study)))
@@ -41,7 +43,9 @@ def write_study_report(
         try:
             fig = build()
         except Exception as exc:  # noqa: BLE001 - one failed plot must not lose the report
-            sections.append(f"<h2>{html.escape(name)}</h2><p>Not drawn: {html.escape(str(exc))}</p>")
+            sections.append(
+                f"<h2>{html.escape(name)}</h2><p>Not drawn: {html.escape(str(exc))}</p>"
+            )
             continue
         fig.update_layout(title=name)
         sections.append(fig.to_html(full_html=False, include_plotlyjs=include_js))

@@ -61,7 +61,9 @@ class RunDir:
         if rows:
             _write_json(self.path / "intermediate.json", rows)
 
-    def write_status(self, status: str, reason: str = "", warnings: list[str] | None = None) -> None:
+    def write_status(
+        self, status: str, reason: str = "", warnings: list[str] | None = None
+    ) -> None:
         if status not in STATUSES:
             raise ValueError(f"status {status!r} is not one of {STATUSES}")
         lines = [status]
@@ -73,7 +75,9 @@ class RunDir:
     def read_status(self) -> tuple[str, str]:
         """The status word and the reason line ('' when none)."""
         lines = (self.path / "status").read_text(encoding="utf-8").splitlines()
-        return lines[0], (lines[1] if len(lines) > 1 and not lines[1].startswith("warning: ") else "")
+        return lines[0], (
+            lines[1] if len(lines) > 1 and not lines[1].startswith("warning: ") else ""
+        )
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text(encoding="utf-8"))

@@ -49,7 +49,9 @@ def _prefect_exe() -> str:
     return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
 
 
-def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", wait: float = 120.0) -> tuple[str, bool]:
+def start(
+    port: int = DEFAULT_PORT, host: str = "127.0.0.1", wait: float = 120.0
+) -> tuple[str, bool]:
     """Start a server unless one is healthy already; returns (API URL, started_now)."""
     if is_healthy(port, host):
         return api_url(port, host), False
@@ -60,7 +62,16 @@ def start(port: int = DEFAULT_PORT, host: str = "127.0.0.1", wait: float = 120.0
     env.pop("PREFECT_API_URL", None)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [_prefect_exe(), "server", "start", "--host", host, "--port", str(port), "--analytics-off"],
+            [
+                _prefect_exe(),
+                "server",
+                "start",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--analytics-off",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -248,9 +248,7 @@ def _clean_metrics(raw: Any, origin: str) -> dict[str, float]:
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise _RunFailure(
-                    f"{origin}: metric {key!r} is not a number: {value!r}"
-                ) from None
+                raise _RunFailure(f"{origin}: metric {key!r} is not a number: {value!r}") from None
         out[str(key)] = float(value)
     return out
 

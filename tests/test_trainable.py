@@ -197,10 +197,15 @@ def test_executable_non_python_script_runs(tmp_path):
             "not runnable: not a .py file and not executable",
         ),
         (
-            lambda d: write_script(d / "crash.py", "import sys\nprint('boom: out of memory')\nsys.exit(3)\n"),
+            lambda d: write_script(
+                d / "crash.py", "import sys\nprint('boom: out of memory')\nsys.exit(3)\n"
+            ),
             "exited with code 3: boom: out of memory",
         ),
-        (lambda d: write_script(d / "quiet.py", "print('done, no metrics')\n"), "reported no metrics"),
+        (
+            lambda d: write_script(d / "quiet.py", "print('done, no metrics')\n"),
+            "reported no metrics",
+        ),
         (
             lambda d: write_script(
                 d / "badjson.py",
@@ -307,12 +312,17 @@ def test_argument_styles():
 
 
 def test_metric_line_parsing():
-    assert parse_metric_line("EXPFLOW_METRIC step=3 loss=0.5 acc=0.9") == (3, {"loss": 0.5, "acc": 0.9})
+    assert parse_metric_line("EXPFLOW_METRIC step=3 loss=0.5 acc=0.9") == (
+        3,
+        {"loss": 0.5, "acc": 0.9},
+    )
     assert parse_metric_line("EXPFLOW_METRIC loss=1e-3") == (None, {"loss": 0.001})
     assert parse_metric_line("loss=0.5") is None
 
 
 def test_python_script_uses_the_same_interpreter(tmp_path):
-    script = write_script(tmp_path / "py.py", "import sys\nprint('EXPFLOW_METRIC ok=1')\nprint(sys.executable)\n")
+    script = write_script(
+        tmp_path / "py.py", "import sys\nprint('EXPFLOW_METRIC ok=1')\nprint(sys.executable)\n"
+    )
     run_trainable(str(script), {}, tmp_path / "r")
     assert sys.executable in (tmp_path / "r" / "output.log").read_text()
