@@ -42,7 +42,7 @@ class PipelineConfig:
     study_name: str | None = None
     trial_timeout: float | None = None
     arg_style: str = "argparse"
-    gates: list[str] = field(default_factory=lambda: ["nrmse:lt:0.1"])
+    gates: list[str] = field(default_factory=lambda: ["nrmse:lt:0.05"])
     submit: bool = True
     submit_to: str | None = None
     submission_name: str | None = None

@@ -9,7 +9,9 @@ from pathlib import Path
 def expflow_home() -> Path:
     """The expflow home: ``$EXPFLOW_HOME`` or ``~/.expflow`` (created on first use)."""
     home = Path(os.environ.get("EXPFLOW_HOME") or Path.home() / ".expflow").expanduser()
-    home.mkdir(parents=True, exist_ok=True)
+    if not home.exists():
+        # Private by default: the home holds the PIN hash, the audit log and studies.
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
 

@@ -48,11 +48,11 @@ def open_storage(storage: str | None) -> Any:
 
 
 def make_pruner(name: str) -> Any:
-    """An Optuna pruner by name: ``median`` (after 3 trials and 2 steps) or ``none``."""
+    """An Optuna pruner by name: ``median`` (after 5 trials and 5 steps) or ``none``."""
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ExpflowError(f"pruner {name!r} is not known; expected median or none")

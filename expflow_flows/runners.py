@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
@@ -21,6 +22,8 @@ def make_task_runner(
         raise ExpflowError(f"runner {runner!r} is not known; expected dask or threads")
     from prefect_dask import DaskTaskRunner
 
+    # The scheduler lives in this process; its INFO chatter would drown the run's logs.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     # One thread per worker process: trainables are CPU-bound numpy code, and a
@@ -31,6 +34,5 @@ def make_task_runner(
             "n_workers": workers,
             "threads_per_worker": 1,
             "processes": True,
-            "dashboard_address": None,
         },
     )

@@ -43,7 +43,9 @@ from expflow_flows.rundir import RunDir
 
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 METRIC_LINE_RE = re.compile(r"^\s*EXPFLOW_METRIC\s+(?P<body>.+?)\s*$")
-WARNING_RE = re.compile(r"warning", re.IGNORECASE)
+# Python warnings (UserWarning: …), logging's WARNING, and tool output that starts
+# with "warning"; not every mention of the word in prose.
+WARNING_RE = re.compile(r"\b\w*Warning\b|\bWARNING\b|^\s*warning\b", re.MULTILINE)
 
 Status = Literal["ok", "warning", "pruned", "failed"]
 ArgStyle = Literal["argparse", "equals", "hydra"]
@@ -200,6 +202,8 @@ def format_args(params: dict[str, Any], style: ArgStyle = "argparse") -> list[st
         raise ExpflowError(f"argument style {style!r} is not known; expected one of {ARG_STYLES}")
     args: list[str] = []
     for name, value in params.items():
+        if value is None:  # an unset parameter: let the script use its own default
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, (list, dict)):

@@ -326,3 +326,21 @@ def test_python_script_uses_the_same_interpreter(tmp_path):
     )
     run_trainable(str(script), {}, tmp_path / "r")
     assert sys.executable in (tmp_path / "r" / "output.log").read_text()
+
+
+def test_prose_mentioning_warnings_is_not_a_warning(tmp_path):
+    script = write_script(
+        tmp_path / "p.py",
+        "print('no warnings so far, all good')\nprint('EXPFLOW_METRIC loss=1')\n",
+    )
+    assert run_trainable(str(script), {}, tmp_path / "r").status == "ok"
+    script2 = write_script(
+        tmp_path / "l.py",
+        "import logging\nlogging.warning('grad norm exploded')\nprint('EXPFLOW_METRIC loss=1')\n",
+    )
+    res = run_trainable(str(script2), {}, tmp_path / "r2")
+    assert res.status == "warning" and "grad norm exploded" in res.warnings[0]
+
+
+def test_none_parameters_are_left_out_of_script_arguments():
+    assert format_args({"a": None, "b": 1}) == ["--b", "1"]

@@ -1,0 +1,1 @@
+"""Prefect flows. Import the flow you need from its module, e.g. ``expflow_flows.flows.pipeline``."""

@@ -1,0 +1,510 @@
+"""The HPO → train → eval → submit pipeline as Prefect flows.
+
+``pipeline`` is the flow users run (UI, ``prefect deployment run``, ``expflow
+pipeline run``, Python). Its HPO stage is the nested flow ``hpo``, whose task
+runner (a Dask ``LocalCluster`` by default) is chosen from the run's parameters.
+Domain work lives in the core modules; these flows only compose it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from expflow_flows import gates as gates_mod
+from expflow_flows import hpo, pin, progress, submission
+from expflow_flows.config import PipelineConfig, build_config
+from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.home import runs_root, submissions_dir
+from expflow_flows.metadata import capture_environment
+from expflow_flows.report import write_study_report
+from expflow_flows.rundir import RunDir, new_run_id
+from expflow_flows.runners import make_task_runner
+from expflow_flows.space import SearchSpace
+from expflow_flows.trainable import RunResult, Trainable, run_trainable
+
+
+def _result(d: dict[str, Any]) -> RunResult:
+    return RunResult(**{**d, "run_dir": Path(d["run_dir"])})
+
+
+@task(name="trial", task_run_name="trial-{number}", cache_policy=NO_CACHE, log_prints=False)
+def run_trial(
+    number: int,
+    trial_id: int,
+    trainable: str,
+    params: dict[str, Any],
+    run_dir: str,
+    budget: dict[str, Any],
+    objective: str,
+    storage: str,
+    study_name: str,
+    pruner: str,
+    timeout: float | None = None,
+    arg_style: str = "argparse",
+) -> dict[str, Any]:
+    """One HPO trial: run the trainable, reporting intermediate values to the pruner."""
+    hook = hpo.report_hook(storage, study_name, trial_id, objective, pruner)
+    result = run_trainable(
+        trainable,
+        params,
+        Path(run_dir),
+        budget=budget,
+        hook=hook,
+        timeout=timeout,
+        arg_style=arg_style,  # type: ignore[arg-type]
+    )
+    value = result.metrics.get(objective)
+    get_run_logger().info(
+        "trial %d %s%s%s",
+        number,
+        result.status,
+        f": {objective}={value:.5g}" if value is not None else "",
+        f" ({result.reason})" if result.reason else "",
+    )
+    return result.to_dict()
+
+
+@task(name="run-stage", task_run_name="{stage}", cache_policy=NO_CACHE, log_prints=False)
+def run_stage(
+    stage: str,
+    trainable: str,
+    params: dict[str, Any],
+    run_dir: str,
+    budget: dict[str, Any],
+    upstream: str | None = None,
+    timeout: float | None = None,
+    arg_style: str = "argparse",
+) -> dict[str, Any]:
+    """Run one pipeline stage (final training or evaluation) through the trainable contract."""
+    result = run_trainable(
+        trainable,
+        params,
+        Path(run_dir),
+        budget=budget,
+        upstream=upstream,
+        timeout=timeout,
+        arg_style=arg_style,  # type: ignore[arg-type]
+    )
+    get_run_logger().info("%s %s in %.1f s: %s", stage, result.status, result.wall_s, run_dir)
+    return result.to_dict()
+
+
+@flow(name="hpo", flow_run_name="hpo-{study_name}")
+def hpo_flow(config: dict[str, Any], study_name: str, experiment_dir: str) -> dict[str, Any]:
+    """Run trials until the study holds ``n_trials`` finished ones; returns the best."""
+    try:
+        return _hpo(PipelineConfig(**config), study_name, experiment_dir)
+    except ExpflowError as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+
+
+def _hpo(cfg: PipelineConfig, study_name: str, experiment_dir: str) -> dict[str, Any]:
+    logger = get_run_logger()
+    space = SearchSpace.load(cfg.space)
+    storage = hpo.resolve_storage(cfg.storage)
+    study = hpo.open_study(
+        storage, study_name, direction=cfg.direction, pruner=cfg.pruner, seed=cfg.seed
+    )
+    already = hpo.finished_count(study)
+    remaining = max(cfg.n_trials - already, 0)
+    if already:
+        logger.info(
+            "study %r resumed with %d finished trials; %d to run", study_name, already, remaining
+        )
+    counts = progress.TrialProgress(study=study_name, target=cfg.n_trials)
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name
+        counts.complete += state == "COMPLETE"
+        counts.pruned += state == "PRUNED"
+        counts.failed += state == "FAIL"
+
+    def refresh() -> None:
+        best = hpo.best_trial(study)
+        if best is not None:
+            counts.best_value, counts.best_params = best.value, dict(best.params)
+        progress.publish(counts)
+
+    refresh()
+    in_flight: dict[Any, Any] = {}
+    launched = 0
+    fixed = dict(cfg.params)
+    flow_run_id = str(flow_run.get_id() or "")
+    while launched < remaining or in_flight:
+        while launched < remaining and len(in_flight) < cfg.parallelism:
+            trial = study.ask()
+            params = {**fixed, **space.suggest(trial)}
+            trial.set_user_attr("flow_run_id", flow_run_id)
+            run_dir = Path(experiment_dir) / f"hpo-t{trial.number:04d}-{new_run_id('')[1:]}"
+            future = run_trial.submit(
+                number=trial.number,
+                trial_id=trial._trial_id,
+                trainable=cfg.train,
+                params=params,
+                run_dir=str(run_dir),
+                budget=cfg.hpo_budget,
+                objective=cfg.objective,
+                storage=storage,
+                study_name=study_name,
+                pruner=cfg.pruner,
+                timeout=cfg.trial_timeout,
+                arg_style=cfg.arg_style,
+            )
+            in_flight[future] = trial
+            launched += 1
+            counts.running = len(in_flight)
+            refresh()
+        future = next(as_completed(list(in_flight)))
+        trial = in_flight.pop(future)
+        try:
+            outcome = hpo.tell_result(study, trial, _result(future.result()), cfg.objective)
+        except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
+            outcome = hpo.tell_result(study, trial, None, cfg.objective, error=str(exc))
+        counts.complete += outcome == "complete"
+        counts.pruned += outcome == "pruned"
+        counts.failed += outcome == "fail"
+        counts.running = len(in_flight)
+        refresh()
+        logger.info(counts.line())
+
+    rows = hpo.trials_table(study)
+    create_table_artifact(
+        key=_artifact_key(study_name, "trials"),
+        table=[{k: _cell(v) for k, v in r.items()} for r in rows],
+        description=f"Trials of study {study_name}: {counts.line()}",
+    )
+    report = write_study_report(
+        study,
+        Path(experiment_dir) / f"report-{study_name}.html",
+        title=f"HPO report: {study_name}",
+        extra={"objective": f"{cfg.objective} ({cfg.direction})", "storage": storage},
+    )
+    best = hpo.best_trial(study)
+    if best is None:
+        raise ExpflowError(
+            f"no trial of study {study_name!r} succeeded ({counts.failed} failed, "
+            f"{counts.pruned} pruned); see the trials table and each trial's output.log"
+        )
+    return {
+        "study": study_name,
+        "storage": storage,
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": dict(best.params),
+        "complete": counts.complete,
+        "pruned": counts.pruned,
+        "failed": counts.failed,
+        "trials": rows,
+        "report": str(report),
+    }
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+def _artifact_key(*parts: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    text = "-".join(parts).lower()
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")[:100]
+
+
+def _preflight(cfg: PipelineConfig, force: bool) -> tuple[SearchSpace, list[Any]]:
+    """Check everything a user can get wrong before any trial runs."""
+    Trainable.parse(cfg.train).check()
+    Trainable.parse(cfg.evaluate).check()
+    space = SearchSpace.load(cfg.space)
+    gates = gates_mod.parse_gates(cfg.gates)
+    if (
+        cfg.submit
+        and not force
+        and pin.pin_status().get("set")
+        and not os.environ.get("EXPFLOW_PIN")
+    ):
+        raise ExpflowError(
+            "submitting is PIN-guarded and no PIN was given: set EXPFLOW_PIN, pass --pin, "
+            "or run with force (logged), or submit=false"
+        )
+    return space, gates
+
+
+@flow(name="pipeline")
+def pipeline(
+    config: str | None = None,
+    experiment: str | None = None,
+    train: str | None = None,
+    evaluate: str | None = None,
+    space: str | dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    n_trials: int | None = None,
+    parallelism: int | None = None,
+    runner: str | None = None,
+    dask_address: str | None = None,
+    hpo_budget: dict[str, Any] | None = None,
+    final_budget: dict[str, Any] | None = None,
+    objective: str | None = None,
+    direction: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    trial_timeout: float | None = None,
+    gates: list[str] | None = None,
+    submit: bool | None = None,
+    submit_to: str | None = None,
+    submission_name: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it."""
+    try:
+        cfg = build_config(
+            config,
+            experiment=experiment,
+            train=train,
+            evaluate=evaluate,
+            space=space,
+            params=params,
+            n_trials=n_trials,
+            parallelism=parallelism,
+            runner=runner,
+            dask_address=dask_address,
+            hpo_budget=hpo_budget,
+            final_budget=final_budget,
+            objective=objective,
+            direction=direction,
+            pruner=pruner,
+            seed=seed,
+            storage=storage,
+            study_name=study_name,
+            trial_timeout=trial_timeout,
+            gates=gates,
+            submit=submit,
+            submit_to=submit_to,
+            submission_name=submission_name,
+        )
+        return _pipeline(cfg, force)
+    except ExpflowError as exc:
+        # A user-facing outcome (bad input, failed gate, no successful trial): one
+        # line in the log and the run's state message, no traceback.
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+
+
+def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
+    logger = get_run_logger()
+    _, gate_list = _preflight(cfg, force)
+    experiment_dir = runs_root() / cfg.experiment
+    run_dir = RunDir.create(experiment_dir / new_run_id("pipeline"))
+    run_dir.write_params(cfg.to_dict())
+    environment = capture_environment()
+    run_dir.write_metadata({"flow_run_id": str(flow_run.get_id() or ""), **environment})
+    logger.info("pipeline %s: run folder %s", cfg.experiment, run_dir.path)
+
+    # --- HPO: a nested flow so its task runner can follow this run's parameters.
+    task_runner = make_task_runner(
+        cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address
+    )
+    study = hpo_flow.with_options(task_runner=task_runner)(
+        cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir)
+    )
+    best_params = {**cfg.params, **study["best_params"]}
+    create_markdown_artifact(
+        key=_artifact_key(cfg.experiment, "best-params"),
+        markdown=_best_markdown(study, best_params, cfg),
+        description="Best parameters found by HPO",
+    )
+
+    # --- Train with the best parameters at the final budget, then evaluate.
+    trained = _result(
+        run_stage(
+            "train",
+            cfg.train,
+            best_params,
+            str(experiment_dir / new_run_id("train")),
+            cfg.final_budget,
+            arg_style=cfg.arg_style,
+        )
+    )
+    if not trained.ok:
+        raise ExpflowError(
+            f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
+        )
+    evaluated = _result(
+        run_stage(
+            "evaluate",
+            cfg.evaluate,
+            best_params,
+            str(experiment_dir / new_run_id("eval")),
+            cfg.final_budget,
+            upstream=str(trained.run_dir),
+            arg_style=cfg.arg_style,
+        )
+    )
+    if not evaluated.ok:
+        raise ExpflowError(
+            f"evaluation failed: {evaluated.reason} (log: {evaluated.run_dir / 'output.log'})"
+        )
+    create_table_artifact(
+        key=_artifact_key(cfg.experiment, "eval-metrics"),
+        table=[{"metric": k, "value": _cell(v)} for k, v in sorted(evaluated.metrics.items())],
+        description=f"Evaluation metrics ({evaluated.run_dir})",
+    )
+
+    # --- Gates decide whether the submission happens; they fail closed.
+    results = gates_mod.evaluate_gates(gate_list, evaluated.metrics)
+    create_table_artifact(
+        key=_artifact_key(cfg.experiment, "gates"),
+        table=[
+            {
+                "gate": r.gate,
+                "value": _cell(r.value),
+                "passed": r.passed,
+                "message": r.message,
+            }
+            for r in results
+        ],
+        description="Metric gates between evaluation and submission",
+    )
+    summary: dict[str, Any] = {
+        "experiment": cfg.experiment,
+        "run_dir": str(run_dir.path),
+        "study": study["study"],
+        "storage": study["storage"],
+        "trials": {k: study[k] for k in ("complete", "pruned", "failed")},
+        "best_trial": study["best_trial"],
+        "best_value": study["best_value"],
+        "best_params": best_params,
+        "train_run": str(trained.run_dir),
+        "eval_run": str(evaluated.run_dir),
+        "metrics": evaluated.metrics,
+        "gates": [
+            {"gate": r.gate, "passed": r.passed, "value": r.value, "message": r.message}
+            for r in results
+        ],
+        "report": study["report"],
+        "bundle": None,
+    }
+    failed = [r for r in results if not r.passed]
+    bundle: Path | None = None
+    if not failed and cfg.submit:
+        bundle = submit_bundle(cfg, evaluated, best_params, study, force)
+        summary["bundle"] = str(bundle)
+    run_dir.write_metrics(evaluated.metrics)
+    (run_dir.path / "summary.json").write_text(
+        json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
+    )
+    create_markdown_artifact(
+        key=_artifact_key(cfg.experiment, "outputs"),
+        markdown=_outputs_markdown(summary),
+        description="Where this pipeline run's outputs are",
+    )
+    if failed:
+        run_dir.write_status("failed", "; ".join(r.message for r in failed))
+        raise GateFailed("; ".join(r.message for r in failed) + " (nothing was submitted)")
+    run_dir.write_status("ok")
+    return summary
+
+
+@task(name="submit", cache_policy=NO_CACHE)
+def submit_task(
+    dest: str,
+    name: str,
+    files: dict[str, str],
+    metrics: dict,
+    params: dict,
+    info: dict,
+    force: bool,
+) -> str:
+    """Write the submission bundle; irreversible, so PIN-guarded once a PIN is set."""
+    pin.guard("submit", target=f"{dest}/{name}", force=force)
+    path = submission.write_bundle(
+        Path(dest),
+        name,
+        {k: Path(v) for k, v in files.items()},
+        metrics=metrics,
+        params=params,
+        info=info,
+    )
+    get_run_logger().info("submission bundle written: %s", path)
+    return str(path)
+
+
+def submit_bundle(
+    cfg: PipelineConfig,
+    evaluated: RunResult,
+    best_params: dict[str, Any],
+    study: dict[str, Any],
+    force: bool,
+) -> Path:
+    """Bundle the predictions, metrics, params and a manifest into the submissions folder."""
+    predictions = evaluated.run_dir / cfg.predictions
+    if not predictions.exists():
+        raise ExpflowError(
+            f"evaluation wrote no {cfg.predictions} in {evaluated.run_dir}; nothing to submit"
+        )
+    name = cfg.submission_name or f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = {
+        "experiment": cfg.experiment,
+        "study": study["study"],
+        "best_trial": study["best_trial"],
+        "flow_run_id": str(flow_run.get_id() or ""),
+        "eval_run": str(evaluated.run_dir),
+    }
+    dest = cfg.submit_to or str(submissions_dir())
+    return Path(
+        submit_task(
+            dest,
+            name,
+            {cfg.predictions: str(predictions)},
+            evaluated.metrics,
+            best_params,
+            info,
+            force,
+        )
+    )
+
+
+def _best_markdown(study: dict[str, Any], params: dict[str, Any], cfg: PipelineConfig) -> str:
+    lines = [
+        f"# Best trial {study['best_trial']} of study `{study['study']}`",
+        "",
+        f"{cfg.objective} = **{study['best_value']:.6g}** ({cfg.direction}); "
+        f"{study['complete']} complete, {study['pruned']} pruned, {study['failed']} failed.",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in params.items()]
+    return "\n".join(lines)
+
+
+def _outputs_markdown(summary: dict[str, Any]) -> str:
+    gates = ", ".join(
+        f"{g['gate']} {'passed' if g['passed'] else 'FAILED'}" for g in summary["gates"]
+    )
+    bundle = summary["bundle"] or "not submitted"
+    return "\n".join(
+        [
+            f"# Pipeline outputs: {summary['experiment']}",
+            "",
+            f"- Gates: {gates or 'none'}",
+            f"- Submission bundle: `{bundle}`",
+            f"- HPO report (plotly HTML): [{summary['report']}](file://{summary['report']})",
+            f"- Pipeline run folder: `{summary['run_dir']}`",
+            f"- Final training run: `{summary['train_run']}`",
+            f"- Evaluation run: `{summary['eval_run']}`",
+        ]
+    )

@@ -1,0 +1,82 @@
+"""The `expflow` command line: bad input is one clear line and a non-zero exit, before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPFLOW = str(Path(sys.executable).with_name("expflow"))
+
+
+def expflow(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120):
+    return subprocess.run(
+        [EXPFLOW, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_lists_the_commands():
+    out = expflow("--help")
+    assert out.returncode == 0
+    for word in ("demo", "pipeline", "data", "server", "pin"):
+        assert word in out.stdout
+
+
+def test_bad_search_space_is_one_line(tmp_path, home):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("lr: {type: flaot, low: 0.1, high: 1}\n")
+    line = one_error_line(expflow("pipeline", "run", "--space", str(bad), "--n-trials", "1"))
+    assert "'lr'" in line and "flaot" in line and "float" in line
+    assert not (home / "runs").exists()
+
+
+def test_bad_gate_is_one_line(home):
+    line = one_error_line(expflow("pipeline", "run", "--gate", "nrmse:below:0.1"))
+    assert "below" in line and "lt" in line
+
+
+def test_missing_script_is_one_line(tmp_path, home):
+    line = one_error_line(expflow("pipeline", "run", "--train", str(tmp_path / "train_fno.py")))
+    assert "train_fno.py" in line and "does not exist" in line
+
+
+def test_unknown_setting_in_config_is_one_line(tmp_path, home):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("n_trails: 4\n")
+    line = one_error_line(expflow("pipeline", "run", "--config", str(cfg)))
+    assert "'n_trails'" in line and "n_trials" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--direction", "down"), "direction='down'"),
+        (("--runner", "ray"), "runner='ray'"),
+        (("--n-trials", "0"), "n_trials=0"),
+    ],
+)
+def test_bad_values_name_what_is_accepted(home, args, needle):
+    line = one_error_line(expflow("pipeline", "run", *args))
+    assert needle in line and "expected" in line
+
+
+def test_unknown_problem_for_data_generation(home):
+    line = one_error_line(expflow("data", "generate", "navier_stokes_9d"))
+    assert "navier_stokes_9d" in line and "advection" in line

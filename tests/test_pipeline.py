@@ -1,0 +1,189 @@
+"""The pipeline flow end to end on Prefect's test harness: HPO, train, eval, gates, submit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from expflow_flows.errors import ExpflowError, GateFailed
+
+SPACE = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
+
+
+def run_pipeline(tmp_path: Path, **overrides):
+    from expflow_flows.flows.pipeline import pipeline
+
+    settings = dict(
+        experiment="quad",
+        train="sample_trainables:quadratic",
+        evaluate="sample_trainables:evaluate_with_pred",
+        space=SPACE,
+        params={},
+        n_trials=6,
+        parallelism=2,
+        runner="threads",
+        hpo_budget={"epochs": 3},
+        final_budget={"epochs": 3},
+        objective="loss",
+        direction="minimize",
+        pruner="none",
+        storage=str(tmp_path / "journal.log"),
+        gates=["test_loss:lt:1.0"],
+        submit=True,
+        submit_to=str(tmp_path / "submissions"),
+        submission_name="quad-1",
+    )
+    settings.update(overrides)
+    return pipeline(**settings)
+
+
+def load_study(tmp_path: Path, name: str = "quad"):
+    import optuna
+
+    from expflow_flows.hpo import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(str(tmp_path / "journal.log")))
+
+
+def test_pipeline_runs_hpo_train_eval_and_submits(prefect_harness, home, tmp_path):
+    summary = run_pipeline(tmp_path)
+    assert summary["trials"]["complete"] == 6
+    assert summary["metrics"]["test_loss"] == pytest.approx((summary["metrics"]["x_used"] - 2) ** 2)
+    # The final run trains the best trial's parameters.
+    assert summary["best_params"]["x"] == summary["metrics"]["x_used"]
+    bundle = Path(summary["bundle"])
+    assert bundle == tmp_path / "submissions" / "quad-1"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert "pred.hdf5" in json.dumps(manifest)
+    assert json.loads((bundle / "params.json").read_text())["x"] == summary["best_params"]["x"]
+    assert all(g["passed"] for g in summary["gates"])
+    assert Path(summary["report"]).read_text().startswith("<!doctype html>")
+    study = load_study(tmp_path)
+    assert len(study.trials) == 6
+    # Intermediate values reached the study from the trial tasks (pruning data, dashboards).
+    assert any(t.intermediate_values for t in study.trials)
+    # Every trial left a run folder with its status.
+    for t in study.trials:
+        assert (Path(t.user_attrs["run_dir"]) / "status").read_text().startswith("ok")
+
+
+def test_rerun_resumes_the_study_instead_of_starting_over(prefect_harness, home, tmp_path):
+    run_pipeline(tmp_path, n_trials=3, submit=False)
+    assert len(load_study(tmp_path).trials) == 3
+    summary = run_pipeline(tmp_path, n_trials=5, submit=False)
+    study = load_study(tmp_path)
+    assert len(study.trials) == 5
+    assert summary["trials"]["complete"] == 5
+    # Nothing more to do: the study already holds 5 finished trials.
+    run_pipeline(tmp_path, n_trials=5, submit=False)
+    assert len(load_study(tmp_path).trials) == 5
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(prefect_harness, home, tmp_path):
+    summary = run_pipeline(
+        tmp_path,
+        train="sample_trainables:fails_when_negative",
+        evaluate="sample_trainables:params_only",
+        space={"x": {"type": "categorical", "choices": [-1.0, 1.5, 2.5]}},
+        n_trials=8,
+        seed=3,
+        gates=[],
+        submit=False,
+    )
+    study = load_study(tmp_path)
+    states = {t.state.name for t in study.trials}
+    assert "FAIL" in states and "COMPLETE" in states
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert all("negative x is not supported" in t.user_attrs["reason"] for t in failed)
+    assert summary["trials"]["failed"] == len(failed)
+    assert summary["best_params"]["x"] in (1.5, 2.5)
+
+
+def test_zero_successful_trials_fails_the_flow_clearly(prefect_harness, home, tmp_path):
+    with pytest.raises(
+        ExpflowError, match=r"no trial of study 'quad' succeeded \(3 failed, 0 pruned\)"
+    ):
+        run_pipeline(tmp_path, train="sample_trainables:always_fails", n_trials=3)
+    assert not (tmp_path / "submissions").exists()
+
+
+def test_failing_gate_stops_submission(prefect_harness, home, tmp_path):
+    with pytest.raises(GateFailed, match=r"test_loss.*needs < -1") as info:
+        run_pipeline(tmp_path, gates=["test_loss:lt:-1"])
+    assert "nothing was submitted" in str(info.value)
+    assert not (tmp_path / "submissions" / "quad-1").exists()
+
+
+def test_submission_is_never_overwritten(prefect_harness, home, tmp_path):
+    first = run_pipeline(tmp_path, n_trials=2)
+    before = (Path(first["bundle"]) / "manifest.json").read_text()
+    with pytest.raises(ExpflowError, match="exists"):
+        run_pipeline(tmp_path, n_trials=3)
+    assert (Path(first["bundle"]) / "manifest.json").read_text() == before
+
+
+def test_pin_guards_the_submission(prefect_harness, home, tmp_path, monkeypatch):
+    from expflow_flows import pin
+
+    pin.init_pin("4321")
+    with pytest.raises(ExpflowError, match="PIN"):
+        run_pipeline(tmp_path, n_trials=2)
+    assert not (tmp_path / "submissions").exists()
+    monkeypatch.setenv("EXPFLOW_PIN", "4321")
+    summary = run_pipeline(tmp_path, n_trials=2)
+    assert Path(summary["bundle"]).is_dir()
+    audit = (home / "audit.log").read_text()
+    assert '"submit"' in audit and "4321" not in audit
+
+
+def test_artifacts_are_attached_to_the_flow_run(prefect_harness, home, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from expflow_flows.flows.pipeline import pipeline
+
+    state = pipeline(
+        experiment="quad-artifacts",
+        train="sample_trainables:quadratic",
+        evaluate="sample_trainables:evaluate_with_pred",
+        space=SPACE,
+        params={},
+        n_trials=2,
+        runner="threads",
+        objective="loss",
+        storage=str(tmp_path / "journal.log"),
+        gates=["test_loss:lt:100"],
+        submit_to=str(tmp_path / "subs"),
+        return_state=True,
+    )
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="quad-artifacts"))
+        )
+    keys = {a.key for a in arts}
+    assert {
+        "quad-artifacts-trials",
+        "quad-artifacts-best-params",
+        "quad-artifacts-eval-metrics",
+        "quad-artifacts-gates",
+        "quad-artifacts-outputs",
+    } <= keys
+    outputs = next(a for a in arts if a.key == "quad-artifacts-outputs")
+    assert "report-quad-artifacts.html" in outputs.data
+
+
+def test_pipeline_on_a_dask_local_cluster(prefect_harness, home, tmp_path):
+    summary = run_pipeline(tmp_path, runner="dask", n_trials=4, submit=False)
+    assert summary["trials"]["complete"] == 4
+    study = load_study(tmp_path)
+    pids = {
+        json.loads((Path(t.user_attrs["run_dir"]) / "metadata.json").read_text())["pid"]
+        for t in study.trials
+    }
+    # Trials ran in the cluster's worker processes, not in the flow's process.
+    assert os.getpid() not in pids
+    assert any(t.intermediate_values for t in study.trials)
