@@ -103,6 +103,27 @@ def finished_count(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED_STATES)
 
 
+def running_trials_by_run(study: optuna.Study) -> dict[str, list[int]]:
+    """Trials still marked running, by the flow-run id that started them."""
+    out: dict[str, list[int]] = {}
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get("flow_run_id")
+        if t.state.name == "RUNNING" and run_id:
+            out.setdefault(run_id, []).append(t.number)
+    return out
+
+
+def fail_abandoned(study: optuna.Study, numbers: list[int], reason: str) -> None:
+    """Mark trials whose run is gone as failed, so they stop looking alive."""
+    import optuna
+
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number in numbers:
+        trial = by_number[number]
+        study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+
+
 def report_hook(
     storage: str | None, study_name: str, trial_id: int, objective: str, pruner: str
 ) -> ReportHook:

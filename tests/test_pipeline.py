@@ -187,3 +187,51 @@ def test_pipeline_on_a_dask_local_cluster(prefect_harness, home, tmp_path):
     # Trials ran in the cluster's worker processes, not in the flow's process.
     assert os.getpid() not in pids
     assert any(t.intermediate_values for t in study.trials)
+
+
+def test_progress_updates_follow_every_trial(prefect_harness, home, tmp_path):
+    from expflow_flows import progress
+
+    updates = []
+    unsubscribe = progress.subscribe(
+        lambda p: updates.append((p.finished, p.running, p.complete, p.failed))
+    )
+    try:
+        run_pipeline(
+            tmp_path,
+            train="sample_trainables:fails_when_negative",
+            evaluate="sample_trainables:params_only",
+            space={"x": {"type": "categorical", "choices": [-1.0, 2.5]}},
+            n_trials=5,
+            gates=[],
+            submit=False,
+        )
+    finally:
+        unsubscribe()
+    finished = [u[0] for u in updates]
+    assert finished == sorted(finished)  # never goes backwards
+    assert updates[-1][0] == 5 and updates[-1][1] == 0
+    assert updates[-1][2] + updates[-1][3] == 5
+    assert max(u[1] for u in updates) == 2  # parallelism 2: two trials in flight
+
+
+def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness, home, tmp_path):
+    from prefect import flow
+
+    from expflow_flows.hpo import open_study
+
+    @flow
+    def killed_pipeline():
+        return "gone"
+
+    dead = killed_pipeline(return_state=True)
+    study = open_study(str(tmp_path / "journal.log"), "quad")
+    orphan = study.ask()
+    orphan.suggest_float("x", -5.0, 5.0)
+    orphan.set_user_attr("flow_run_id", str(dead.state_details.flow_run_id))
+    run_pipeline(tmp_path, n_trials=3, submit=False)
+    trials = load_study(tmp_path).trials
+    assert trials[0].state.name == "FAIL"
+    assert "abandoned" in trials[0].user_attrs["reason"]
+    # It counts as finished, so two new trials ran, not three.
+    assert len(trials) == 3

@@ -117,6 +117,7 @@ def _hpo(cfg: PipelineConfig, study_name: str, experiment_dir: str) -> dict[str,
     study = hpo.open_study(
         storage, study_name, direction=cfg.direction, pruner=cfg.pruner, seed=cfg.seed
     )
+    _fail_abandoned_trials(study, str(flow_run.get_id() or ""))
     already = hpo.finished_count(study)
     remaining = max(cfg.n_trials - already, 0)
     if already:
@@ -208,6 +209,27 @@ def _hpo(cfg: PipelineConfig, study_name: str, experiment_dir: str) -> dict[str,
         "trials": rows,
         "report": str(report),
     }
+
+
+def _fail_abandoned_trials(study: Any, current_run: str) -> None:
+    """Trials left running by a flow run that has ended (killed, crashed) are failed."""
+    from prefect.client.orchestration import get_client
+
+    stale = {k: v for k, v in hpo.running_trials_by_run(study).items() if k != current_run}
+    if not stale:
+        return
+    logger = get_run_logger()
+    with get_client(sync_client=True) as client:
+        for run_id, numbers in stale.items():
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception:  # noqa: BLE001 - a run this server does not know: leave it be
+                continue
+            if state is not None and state.is_final():
+                hpo.fail_abandoned(
+                    study, numbers, f"abandoned: flow run {run_id} ended {state.type.value}"
+                )
+                logger.warning("trials %s of an ended flow run %s marked failed", numbers, run_id)
 
 
 def _cell(value: Any) -> Any:
