@@ -114,6 +114,14 @@ def _run_pipeline(
         unsubscribe()
 
 
+def _show(summary: dict[str, Any], api: str | None, json_out: bool) -> None:
+    """The run's summary: JSON for machines, a table for people."""
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        _print_summary(summary, api)
+
+
 def _print_summary(summary: dict[str, Any], api: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -157,10 +165,7 @@ def demo(
     except ExpflowError as exc:
         fail(str(exc))
         return
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2, default=str))
-    else:
-        _print_summary(summary, api)
+    _show(summary, api, json_out)
 
 
 @pipeline_app.command("run")
@@ -216,10 +221,7 @@ def pipeline_run(
     except ExpflowError as exc:
         fail(str(exc))
         return
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2, default=str))
-    else:
-        _print_summary(summary, api)
+    _show(summary, api, json_out)
 
 
 def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:

@@ -101,16 +101,24 @@ def run_stage(
 
 
 @flow(name="hpo", flow_run_name="hpo-{study_name}")
-def hpo_flow(config: dict[str, Any], study_name: str, experiment_dir: str) -> dict[str, Any]:
-    """Run trials until the study holds ``n_trials`` finished ones; returns the best."""
+def hpo_flow(
+    config: dict[str, Any], study_name: str, experiment_dir: str, report_dir: str | None = None
+) -> dict[str, Any]:
+    """Run trials until the study holds ``n_trials`` finished ones; returns the best.
+
+    Trial folders go under ``experiment_dir``; the HTML report into ``report_dir``
+    (default: ``experiment_dir``).
+    """
     try:
-        return _hpo(PipelineConfig(**config), study_name, experiment_dir)
+        return _hpo(PipelineConfig(**config), study_name, experiment_dir, report_dir)
     except ExpflowError as exc:
         get_run_logger().error("%s", exc)
         return Failed(message=str(exc), data=exc)
 
 
-def _hpo(cfg: PipelineConfig, study_name: str, experiment_dir: str) -> dict[str, Any]:
+def _hpo(
+    cfg: PipelineConfig, study_name: str, experiment_dir: str, report_dir: str | None
+) -> dict[str, Any]:
     logger = get_run_logger()
     space = SearchSpace.load(cfg.space)
     storage = hpo.resolve_storage(cfg.storage)
@@ -187,7 +195,7 @@ def _hpo(cfg: PipelineConfig, study_name: str, experiment_dir: str) -> dict[str,
     )
     report = write_study_report(
         study,
-        Path(experiment_dir) / f"report-{study_name}.html",
+        Path(report_dir or experiment_dir) / f"report-{study_name}.html",
         title=f"HPO report: {study_name}",
         extra={"objective": f"{cfg.objective} ({cfg.direction})", "storage": storage},
     )
@@ -340,7 +348,7 @@ def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address
     )
     study = hpo_flow.with_options(task_runner=task_runner)(
-        cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir)
+        cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir), str(run_dir.path)
     )
     best_params = {**cfg.params, **study["best_params"]}
     create_markdown_artifact(
