@@ -115,6 +115,10 @@ def test_failing_gate_stops_submission(prefect_harness, home, tmp_path):
         run_pipeline(tmp_path, gates=["test_loss:lt:-1"])
     assert "nothing was submitted" in str(info.value)
     assert not (tmp_path / "submissions" / "quad-1").exists()
+    # The pipeline's own run folder records why it failed.
+    (status,) = (home / "runs" / "quad").glob("pipeline-*/status")
+    lines = status.read_text().splitlines()
+    assert lines[0] == "failed" and "test_loss" in lines[1]
 
 
 def test_submission_is_never_overwritten(prefect_harness, home, tmp_path):
@@ -143,21 +147,8 @@ def test_artifacts_are_attached_to_the_flow_run(prefect_harness, home, tmp_path)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from expflow_flows.flows.pipeline import pipeline
-
-    state = pipeline(
-        experiment="quad-artifacts",
-        train="sample_trainables:quadratic",
-        evaluate="sample_trainables:evaluate_with_pred",
-        space=SPACE,
-        params={},
-        n_trials=2,
-        runner="threads",
-        objective="loss",
-        storage=str(tmp_path / "journal.log"),
-        gates=["test_loss:lt:100"],
-        submit_to=str(tmp_path / "subs"),
-        return_state=True,
+    state = run_pipeline(
+        tmp_path, experiment="quad-artifacts", n_trials=2, submission_name=None, return_state=True
     )
     assert state.is_completed()
     with get_client(sync_client=True) as client:

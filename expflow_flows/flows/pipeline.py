@@ -30,6 +30,7 @@ from expflow_flows.metadata import capture_environment
 from expflow_flows.report import write_study_report
 from expflow_flows.rundir import RunDir, new_run_id
 from expflow_flows.runners import make_task_runner
+from expflow_flows.secrets import scrub
 from expflow_flows.space import SearchSpace
 from expflow_flows.trainable import RunResult, Trainable, run_trainable
 
@@ -334,11 +335,21 @@ def pipeline(
 
 
 def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    logger = get_run_logger()
     _, gate_list = _preflight(cfg, force)
-    experiment_dir = runs_root() / cfg.experiment
-    run_dir = RunDir.create(experiment_dir / new_run_id("pipeline"))
-    run_dir.write_params(cfg.to_dict())
+    run_dir = RunDir.create(runs_root() / cfg.experiment / new_run_id("pipeline"))
+    try:
+        return _stages(cfg, force, gate_list, run_dir)
+    except ExpflowError as exc:
+        run_dir.write_status("failed", str(exc))
+        raise
+
+
+def _stages(
+    cfg: PipelineConfig, force: bool, gate_list: list[Any], run_dir: RunDir
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    experiment_dir = run_dir.path.parent
+    run_dir.write_params(scrub(cfg.to_dict()))
     environment = capture_environment()
     run_dir.write_metadata({"flow_run_id": str(flow_run.get_id() or ""), **environment})
     logger.info("pipeline %s: run folder %s", cfg.experiment, run_dir.path)
@@ -434,7 +445,7 @@ def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
     (run_dir.path / "summary.json").write_text(
-        json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"
+        json.dumps(scrub(summary), indent=2, default=str) + "\n", encoding="utf-8"
     )
     create_markdown_artifact(
         key=_artifact_key(cfg.experiment, "outputs"),
@@ -442,7 +453,6 @@ def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         description="Where this pipeline run's outputs are",
     )
     if failed:
-        run_dir.write_status("failed", "; ".join(r.message for r in failed))
         raise GateFailed("; ".join(r.message for r in failed) + " (nothing was submitted)")
     run_dir.write_status("ok")
     return summary
