@@ -30,6 +30,13 @@ from expflow_flows.pde.registry import PROBLEMS, Problem, find_problem_for_file,
 from expflow_flows.submission import MANIFEST, METRICS, PARAMS, verify_bundle
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
+_HTML_STYLE = (
+    "<style>body{font-family:sans-serif;margin:1.5em}"
+    "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 8px;"
+    "text-align:left;vertical-align:top}th{background:#eee}"
+    "tr.pass td:nth-child(2){color:#070}tr.fail td:nth-child(2){color:#b00;"
+    "font-weight:bold}tr.na td:nth-child(2){color:#777}</style>"
+)
 OUTCOMES = (PASS, FAIL, NA)
 PRED_PATTERNS = ("pred*.hdf5", "pred*.h5")
 FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
@@ -114,6 +121,15 @@ class AuditReport:
     def to_html(self) -> str:
         """A self-contained HTML page with the table of checks."""
         e = html.escape
+        return (
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>Audit: {e(self.subject)}</title>{_HTML_STYLE}</head><body>\n"
+            f"{self.html_section()}</body></html>\n"
+        )
+
+    def html_section(self) -> str:
+        """The report's heading, verdict and table, for embedding in a bigger page."""
+        e = html.escape
         rows = "\n".join(
             f'<tr class="{"na" if c.outcome == NA else c.outcome}"><td>{e(c.name)}</td>'
             f"<td>{e(c.outcome)}</td><td>{e(c.observed)}</td><td>{e(c.rule)}</td>"
@@ -122,18 +138,10 @@ class AuditReport:
         )
         verdict = "PASSED" if self.passed else "FAILED"
         return (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>Audit: {e(self.subject)}</title><style>"
-            "body{font-family:sans-serif;margin:1.5em}"
-            "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 8px;"
-            "text-align:left;vertical-align:top}th{background:#eee}"
-            "tr.pass td:nth-child(2){color:#070}tr.fail td:nth-child(2){color:#b00;"
-            "font-weight:bold}tr.na td:nth-child(2){color:#777}"
-            "</style></head><body>\n"
             f"<h2>Audit: {e(self.subject)}</h2>\n<p><strong>{verdict}</strong> — "
             f"{e(self.summary())}</p>\n<table>\n"
             "<tr><th>check</th><th>outcome</th><th>observed</th><th>rule</th>"
-            f"<th>message</th></tr>\n{rows}\n</table>\n</body></html>\n"
+            f"<th>message</th></tr>\n{rows}\n</table>\n"
         )
 
 
@@ -817,3 +825,104 @@ def audit_dataset(path: Path | str) -> AuditReport:
                 )
             )
     return AuditReport(subject, tuple(checks))
+
+
+# ---------------------------------------------------------------- rules and the ledger
+
+RULES_ENV = "EXPFLOW_AUDIT_RULES"
+RULES_FILE = "audit.yaml"
+
+
+@dataclass(frozen=True)
+class AuditRules:
+    """A team's competition rules: the primary score and required params (``'gt:0'``, ``'present'``)."""
+
+    primary: str = "nrmse"
+    required_params: Mapping[str, str] | None = None
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> AuditRules:
+        """Rules from ``path``, else ``$EXPFLOW_AUDIT_RULES``, else ``<home>/audit.yaml``, else defaults."""
+        import os
+
+        import yaml
+
+        from expflow_flows.home import expflow_home
+
+        named = path or os.environ.get(RULES_ENV)
+        p = Path(named).expanduser() if named else expflow_home() / RULES_FILE
+        if not p.exists():
+            if named:
+                raise ExpflowError(f"audit rules file {str(p)!r} does not exist")
+            return cls()
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ExpflowError(f"audit rules {str(p)!r} are not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ExpflowError(
+                f"audit rules {str(p)!r} must be a mapping with primary, required_params"
+            )
+        unknown = sorted(set(data) - {"primary", "required_params"})
+        if unknown:
+            raise ExpflowError(
+                f"audit rules key {unknown[0]!r} is not known; expected primary, required_params"
+            )
+        required = data.get("required_params") or {}
+        if not isinstance(required, dict):
+            raise ExpflowError(
+                "audit rules: required_params must map a param to 'op:value' or 'present'"
+            )
+        rules = cls(primary=str(data.get("primary") or "nrmse"), required_params=required)
+        for param, rule in required.items():
+            _parse_rule(str(param), rule)  # a bad rule is refused when the file is read
+        return rules
+
+
+def bundle_of(run_dir: str | Path | None) -> Path | None:
+    """The submission bundle a pipeline run wrote, from its ``summary.json`` (None if none)."""
+    if not run_dir:
+        return None
+    summary = Path(run_dir) / "summary.json"
+    try:
+        bundle = json.loads(summary.read_text(encoding="utf-8")).get("bundle")
+    except (OSError, ValueError):
+        return None
+    return Path(bundle) if bundle else None
+
+
+def audit_ledger_experiment(
+    experiment: Any, registry: MetricsRegistry, rules: AuditRules
+) -> AuditReport:
+    """Audit a ledger experiment (its params, metrics and the bundle its run wrote)."""
+    return audit_experiment(
+        f"{experiment.name} ({experiment.id})",
+        experiment.params,
+        experiment.metrics,
+        registry=registry,
+        primary=rules.primary,
+        required_params=rules.required_params,
+        bundle=bundle_of(experiment.run_dir),
+    )
+
+
+def combined_markdown(reports: Iterable[AuditReport], title: str = "Audit report") -> str:
+    """Several audits in one Markdown document, failures counted first."""
+    reports = list(reports)
+    failed = sum(not r.passed for r in reports)
+    head = f"# {title}\n\n{len(reports)} audited, {failed} failed.\n\n"
+    return head + "\n".join(r.to_markdown() for r in reports)
+
+
+def combined_html(reports: Iterable[AuditReport], title: str = "Audit report") -> str:
+    """Several audits in one self-contained HTML page."""
+    reports = list(reports)
+    failed = sum(not r.passed for r in reports)
+    e = html.escape
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+        f"{_HTML_STYLE}</head><body>\n<h1>{e(title)}</h1>\n"
+        f"<p>{len(reports)} audited, {failed} failed.</p>\n"
+        + "".join(r.html_section() for r in reports)
+        + "</body></html>\n"
+    )

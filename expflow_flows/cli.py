@@ -26,17 +26,28 @@ app = typer.Typer(
 pipeline_app = typer.Typer(
     help="Run the HPO → train → eval → submit pipeline.", no_args_is_help=True
 )
-data_app = typer.Typer(
-    help="PDEBench-style datasets: list problems, generate synthetic data.", no_args_is_help=True
+pde_app = typer.Typer(
+    help="PDEBench's equations and synthetic data in its HDF5 layout.", no_args_is_help=True
 )
+audit_app = typer.Typer(
+    help="Audits: experiments against competition rules, data files against PDEBench's layout.",
+    no_args_is_help=True,
+)
+system_app = typer.Typer(help="What is installed and reachable.", no_args_is_help=True)
 server_app = typer.Typer(help="A local Prefect server (UI) on loopback.", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Experiments in the ledger: list, show, cancel, retry.", no_args_is_help=True
+)
 pin_app = typer.Typer(
     help="The PIN that guards destructive and irreversible acts.", no_args_is_help=True
 )
 app.add_typer(pipeline_app, name="pipeline")
-app.add_typer(data_app, name="data")
+app.add_typer(pde_app, name="pde")
+app.add_typer(system_app, name="system")
 app.add_typer(server_app, name="server")
 app.add_typer(pin_app, name="pin")
+app.add_typer(runs_app, name="runs")
+app.add_typer(audit_app, name="audit")
 
 DEMO_CONFIG = Path(__file__).parent / "pde" / "demo.yaml"
 
@@ -238,8 +249,8 @@ def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
     return base
 
 
-@data_app.command("problems")
-def data_problems() -> None:
+@pde_app.command("equations")
+def pde_equations() -> None:
     """List PDEBench's forward problems and which ones this package can generate."""
     from rich.console import Console
     from rich.table import Table
@@ -261,8 +272,8 @@ def data_problems() -> None:
     Console().print(table)
 
 
-@data_app.command("generate")
-def data_generate(
+@pde_app.command("generate")
+def pde_generate(
     problem: str = typer.Argument(..., help="Problem key, e.g. advection, diffusion, burgers."),
     out: Path | None = typer.Option(None, help="Output HDF5 path (default: the data cache)."),
     samples: int = typer.Option(100, help="Number of samples."),
@@ -325,36 +336,413 @@ def server_status(port: int = typer.Option(4200, help="Loopback port.")) -> None
         raise typer.Exit(1)
 
 
+def _ask_pin(given: str | None, prompt: str, *, env: bool = True, confirm: bool = False) -> str:
+    """A PIN from the option, else EXPFLOW_PIN, else a prompt when a terminal is attached."""
+    if given:
+        return given
+    if env and os.environ.get("EXPFLOW_PIN"):
+        return os.environ["EXPFLOW_PIN"]
+    if not sys.stdin.isatty():
+        raise ExpflowError(
+            f"{prompt.lower()} is needed: pass it as an option (no terminal to ask on)"
+        )
+    import getpass
+
+    value = getpass.getpass(f"{prompt}: ")
+    if confirm and getpass.getpass("Repeat: ") != value:
+        raise ExpflowError("the two PINs differ")
+    return value
+
+
 @pin_app.command("init")
 def pin_init(
     new_pin: str | None = typer.Option(None, "--new-pin", help="The new PIN (4-12 digits)."),
-    pin: str | None = typer.Option(None, help="The current PIN, when one is set."),
+    pin: str | None = typer.Option(None, help="The current PIN, when one is set (or EXPFLOW_PIN)."),
 ) -> None:
-    """Set the PIN (replacing one needs the current PIN)."""
+    """Set the PIN; over an existing PIN this needs the current one."""
     from expflow_flows import pin as pin_mod
 
     try:
-        if new_pin is None:
-            if not sys.stdin.isatty():
-                raise ExpflowError("no --new-pin given and no terminal to ask on")
-            import getpass
-
-            new_pin = getpass.getpass("New PIN (4-12 digits): ")
-            if getpass.getpass("Repeat: ") != new_pin:
-                raise ExpflowError("the two PINs differ")
-        pin_mod.init_pin(new_pin, current=pin or os.environ.get("EXPFLOW_PIN"))
+        current = None
+        if pin_mod.pin_status().get("set"):
+            current = _ask_pin(pin, "Current PIN")
+        fresh = _ask_pin(new_pin, "New PIN (4-12 digits)", env=False, confirm=True)
+        pin_mod.init_pin(fresh, current=current)
     except ExpflowError as exc:
         fail(str(exc))
         return
-    typer.echo("PIN set.")
+    typer.echo(f"PIN set ({pin_mod.pin_path()}, mode 0600).")
+
+
+@pin_app.command("change")
+def pin_change(
+    pin: str | None = typer.Option(None, help="The current PIN (or EXPFLOW_PIN)."),
+    new_pin: str | None = typer.Option(None, "--new-pin", help="The new PIN (4-12 digits)."),
+) -> None:
+    """Replace the PIN (needs the current one)."""
+    from expflow_flows import pin as pin_mod
+
+    try:
+        if not pin_mod.pin_status().get("set"):
+            raise ExpflowError("no PIN is set; use `expflow pin init`")
+        current = _ask_pin(pin, "Current PIN")
+        fresh = _ask_pin(new_pin, "New PIN (4-12 digits)", env=False, confirm=True)
+        pin_mod.init_pin(fresh, current=current)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo("PIN changed.")
+
+
+@pin_app.command("check")
+def pin_check(
+    pin: str | None = typer.Option(None, help="The PIN to check (or EXPFLOW_PIN)."),
+) -> None:
+    """Check a PIN: exit 0 when right, 1 when wrong (wrong tries count towards the lockout)."""
+    from expflow_flows import pin as pin_mod
+
+    try:
+        if not pin_mod.pin_status().get("set"):
+            raise ExpflowError("no PIN is set; use `expflow pin init`")
+        ok = pin_mod.verify_pin(_ask_pin(pin, "PIN"))
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo("PIN is correct." if ok else "PIN is wrong.")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@pin_app.command("clear")
+def pin_clear(
+    pin: str | None = typer.Option(None, help="The current PIN (or EXPFLOW_PIN)."),
+) -> None:
+    """Remove the PIN (needs the current one); guarded acts are then allowed and still audited."""
+    from expflow_flows import pin as pin_mod
+
+    try:
+        if not pin_mod.pin_status().get("set"):
+            raise ExpflowError("no PIN is set")
+        pin_mod.clear_pin(_ask_pin(pin, "Current PIN"))
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo("PIN cleared.")
 
 
 @pin_app.command("status")
 def pin_status() -> None:
-    """Whether a PIN is set, where from, and whether the guard is locked."""
+    """Whether a PIN is set, where from, and whether the guard is locked (never the hash)."""
     from expflow_flows import pin as pin_mod
 
     typer.echo(json.dumps(pin_mod.pin_status(), indent=2, default=str))
+
+
+@runs_app.command("list")
+def runs_list(
+    state: str | None = typer.Option(None, help="Only this state, e.g. RUNNING."),
+    name: str | None = typer.Option(None, help="Only this experiment name."),
+    limit: int = typer.Option(50, help="At most this many rows."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List experiments, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from expflow_flows.ledger import Ledger
+
+    try:
+        rows = Ledger().list(state=state, name=name, limit=limit)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
+        return
+    table = Table(title="Experiments")
+    for col in ("id", "name", "kind", "state", "updated", "flow run"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.id, r.name, r.kind, r.state, _when(r.updated_at), r.flow_run_id or "")
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
+) -> None:
+    """Everything the ledger knows about one experiment, with its state history."""
+    from expflow_flows.ledger import Ledger
+
+    try:
+        ledger = Ledger()
+        row = ledger.get(exp_id)
+        out = {**_row_dict(row), "history": ledger.history(row.id)}
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@runs_app.command("cancel")
+def runs_cancel(
+    exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
+    pin: str | None = typer.Option(None, help="PIN (or EXPFLOW_PIN)."),
+    force: bool = typer.Option(False, help="Cancel without a PIN (written to the audit log)."),
+    wait: float = typer.Option(90.0, help="Seconds to wait for Prefect to confirm."),
+) -> None:
+    """Cancel the experiment's flow run through the Prefect API (PIN-guarded)."""
+    from expflow_flows import pin as pin_mod
+    from expflow_flows.ledger import Ledger
+
+    try:
+        ledger = Ledger()
+        row = ledger.get(exp_id)
+        if not row.flow_run_id:
+            raise ExpflowError(f"experiment {row.id} has no Prefect flow run to cancel")
+        pin_mod.guard("cancel", target=f"{row.id} ({row.name})", pin=pin, force=force)
+        ledger.move_to(row.id, "CANCEL_PENDING", message="cancel requested")
+        final = _cancel_flow_run(row.flow_run_id, wait)
+        if final != "CANCELLED":
+            raise ExpflowError(
+                f"cancel requested, but Prefect reports flow run {row.flow_run_id} as {final} "
+                f"after {wait:g} s; the ledger shows CANCEL_PENDING"
+            )
+        if ledger.get(row.id).state != "CANCELLED":
+            ledger.move_to(row.id, "CANCELLED", message="Prefect confirmed the cancellation")
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"cancelled {row.id} ({row.name}); flow run {row.flow_run_id}")
+
+
+def _cancel_flow_run(flow_run_id: str, wait: float) -> str:
+    """Ask Prefect to cancel a flow run and wait until it is final; returns its state type."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)
+        except Exception as exc:  # noqa: BLE001 - unknown id or unreachable API
+            raise ExpflowError(
+                f"flow run {flow_run_id} cannot be read from Prefect: {exc}"
+            ) from None
+        if run.state is not None and run.state.is_final():
+            return run.state.type.value
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run_id).state
+            if state is not None and state.is_final():
+                return state.type.value
+            time.sleep(1)
+        state = client.read_flow_run(flow_run_id).state
+        return state.type.value if state else "UNKNOWN"
+
+
+@runs_app.command("retry")
+def runs_retry(
+    exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
+) -> None:
+    """Re-run a failed or cancelled experiment's deployment with the same parameters."""
+    from expflow_flows.ledger import Ledger
+
+    try:
+        ledger = Ledger()
+        row = ledger.get(exp_id)
+        if not row.flow_run_id:
+            raise ExpflowError(f"experiment {row.id} has no Prefect flow run to retry")
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            old = client.read_flow_run(row.flow_run_id)
+            if old.deployment_id is None:
+                raise ExpflowError(
+                    f"experiment {row.id} did not run from a deployment; run it again with "
+                    "`expflow pipeline run` (it resumes its study)"
+                )
+            ledger.transition(row.id, "retry", message="retry requested")
+            new = client.create_flow_run_from_deployment(
+                old.deployment_id, parameters=old.parameters
+            )
+        ledger.update(row.id, flow_run_id=str(new.id))
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"retrying {row.id} ({row.name}) as flow run {new.id}")
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(row)
+
+
+def _when(ts: Any) -> str:
+    """An ISO timestamp from the ledger, shortened for a table."""
+    return str(ts).replace("T", " ")[:19]
+
+
+@app.command()
+def compare(
+    metric: str = typer.Option("nrmse", help="Metric to rank by (name or Group/name)."),
+    ascending: bool | None = typer.Option(
+        None, "--asc/--desc", help="Sort order (default: the metric's direction in the registry)."
+    ),
+    gate: list[str] | None = typer.Option(
+        None, help="Keep only experiments passing metric:op:value."
+    ),
+    name: str | None = typer.Option(None, help="Only this experiment name."),
+    state: str | None = typer.Option("COMPLETED", help="Only this ledger state ('' for all)."),
+    limit: int = typer.Option(50, help="Show at most this many ranked rows."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
+) -> None:
+    """Rank experiments from the ledger by a metric, filtered by gates."""
+    from expflow_flows.compare import rank
+    from expflow_flows.gates import parse_gates
+    from expflow_flows.ledger import Ledger
+    from expflow_flows.metrics import load_registry
+
+    try:
+        gates = parse_gates(list(gate or []))
+        rows = Ledger().list(state=state or None, name=name, limit=None)
+        direction = None if ascending is None else ("minimize" if ascending else "maximize")
+        ranking = rank(rows, metric, registry=load_registry(), direction=direction, gates=gates)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    ranking.rows = ranking.rows[:limit]
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {
+                    "metric": ranking.metric,
+                    "direction": ranking.direction,
+                    "rows": ranking.rows,
+                    "excluded": ranking.excluded,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    if csv_out:
+        typer.echo(ranking.to_csv(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Experiments by {ranking.metric} ({ranking.direction})")
+    for col in ("rank", "id", "name", "state", ranking.metric):
+        table.add_column(col, overflow="fold")
+    for r in ranking.rows:
+        table.add_row(str(r["rank"]), r["id"], r["name"], r["state"], f"{r['value']:.6g}")
+    console = Console()
+    console.print(table)
+    if ranking.excluded:
+        console.print(
+            f"{len(ranking.excluded)} left out (no such metric, or a gate failed); --json lists why"
+        )
+
+
+@audit_app.command("validate")
+def audit_validate(
+    experiment: str = typer.Argument(
+        ..., help="Experiment id from the ledger (or a unique prefix)."
+    ),
+    rules: str | None = typer.Option(None, help="Audit rules YAML (primary, required_params)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Audit one experiment; exit 1 when any check fails."""
+    from expflow_flows.flows.audit import audit_reports
+
+    try:
+        (report,) = audit_reports([experiment], rules=rules)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    _print_audits([report], json_out)
+
+
+@audit_app.command("dataset")
+def audit_dataset_cmd(
+    files: list[Path] = typer.Argument(..., help="PDEBench-layout HDF5 files."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Check data files against PDEBench's layout and names; exit 1 when any check fails."""
+    from expflow_flows.audit import audit_dataset
+
+    _print_audits([audit_dataset(f) for f in files], json_out)
+
+
+@audit_app.command("report")
+def audit_report(
+    state: str | None = typer.Option(
+        "COMPLETED", help="Audit experiments in this state ('' for all)."
+    ),
+    rules: str | None = typer.Option(None, help="Audit rules YAML (primary, required_params)."),
+    out: Path | None = typer.Option(None, help="Folder for the Markdown and HTML reports."),
+    limit: int = typer.Option(200, help="At most this many experiments, newest first."),
+) -> None:
+    """Audit every experiment; write Markdown and HTML reports; exit 1 when any fails."""
+    from expflow_flows.flows.audit import audit_reports, write_reports
+
+    try:
+        reports = audit_reports(None, state=state or None, rules=rules, limit=limit)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    md, page = write_reports(reports, out)
+    failed = [r for r in reports if not r.passed]
+    typer.echo(f"{len(reports)} audited, {len(failed)} failed")
+    for r in failed:
+        typer.echo(f"FAILED {r.subject}: {r.summary()}")
+    typer.echo(f"markdown: {md}\nhtml: {page}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _print_audits(reports: list[Any], json_out: bool) -> None:
+    if json_out:
+        typer.echo(json.dumps([r.to_dict() for r in reports], indent=2, default=str))
+    else:
+        for r in reports:
+            typer.echo(r.to_markdown())
+    if any(not r.passed for r in reports):
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of expflow-flows and the engines it drives."""
+    from expflow_flows.metadata import package_versions
+
+    for name, ver in package_versions().items():
+        typer.echo(f"{name} {ver}")
+
+
+@system_app.command("status")
+def system_status(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Prefect API, Dask, Optuna storage, ledger, PIN, ClearML, Langfuse and Slurm: installed and reachable?"""
+    from expflow_flows.system import status_rows
+
+    rows = status_rows()
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="expflow system status")
+    for col in ("part", "state", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["part"], r["state"], r["detail"])
+    Console().print(table)
 
 
 def main() -> None:

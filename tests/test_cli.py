@@ -35,7 +35,7 @@ def one_error_line(result) -> str:
 def test_help_lists_the_commands():
     out = expflow("--help")
     assert out.returncode == 0
-    for word in ("demo", "pipeline", "data", "server", "pin"):
+    for word in ("demo", "pipeline", "pde", "server", "pin", "runs", "compare", "audit", "system"):
         assert word in out.stdout
 
 
@@ -78,5 +78,5 @@ def test_bad_values_name_what_is_accepted(home, args, needle):
 
 
 def test_unknown_problem_for_data_generation(home):
-    line = one_error_line(expflow("data", "generate", "navier_stokes_9d"))
+    line = one_error_line(expflow("pde", "generate", "navier_stokes_9d"))
     assert "navier_stokes_9d" in line and "advection" in line

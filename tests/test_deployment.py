@@ -196,3 +196,60 @@ def wait_for_terminal(server, flow_run_id: str, timeout: float) -> dict:
             return state
         time.sleep(2)
     raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+def expflow_cli(server, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("expflow")), *args],
+        cwd=REPO,
+        env=server["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_cancel_a_running_deployment_run_through_the_ledger(deployed):
+    server = deployed
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "expflow-local", "--type", "process"],
+        cwd=REPO,
+        env=server["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        long_run = {
+            "experiment": "to-cancel",
+            "n_trials": 2,
+            "runner": "threads",
+            "hpo_budget": {"epochs": 1000000},
+            "submit": False,
+        }
+        out = prefect(
+            server, "deployment", "run", "pipeline/pde-advection", "--params", json.dumps(long_run)
+        )
+        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+        # The on_running hook registers the run in the ledger.
+        exp_id = None
+        deadline = time.monotonic() + 180
+        while exp_id is None and time.monotonic() < deadline:
+            listed = expflow_cli(server, "runs", "list", "--json")
+            rows = json.loads(listed.stdout or "[]")
+            mine = [r for r in rows if r["flow_run_id"] == flow_run_id and r["state"] == "RUNNING"]
+            exp_id = mine[0]["id"] if mine else None
+            time.sleep(1)
+        assert exp_id, f"the run never showed as RUNNING in the ledger: {rows}"
+        assert mine[0]["name"] == "to-cancel"
+        cancelled = expflow_cli(server, "runs", "cancel", exp_id)  # no PIN set: allowed, audited
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert f"cancelled {exp_id}" in cancelled.stdout
+        state = wait_for_terminal(server, flow_run_id, timeout=60)
+        assert state["type"] == "CANCELLED"
+        shown = json.loads(expflow_cli(server, "runs", "show", exp_id).stdout)
+        assert shown["state"] == "CANCELLED"
+        assert [h["to"] for h in shown["history"]][-2:] == ["CANCEL_PENDING", "CANCELLED"]
+    finally:
+        stop(worker)

@@ -226,3 +226,20 @@ def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness,
     assert "abandoned" in trials[0].user_attrs["reason"]
     # It counts as finished, so two new trials ran, not three.
     assert len(trials) == 3
+
+
+def test_the_ledger_follows_the_flow_run(prefect_harness, home, tmp_path):
+    from expflow_flows.ledger import Ledger
+
+    state = run_pipeline(tmp_path, n_trials=2, return_state=True)
+    row = Ledger().find_by_flow_run(str(state.state_details.flow_run_id))
+    assert row is not None
+    assert (row.name, row.kind, row.state) == ("quad", "pipeline", "COMPLETED")
+    assert row.metrics["test_loss"] >= 0 and "x" in row.params
+    assert Path(row.run_dir, "summary.json").exists()
+    assert [h["to"] for h in Ledger().history(row.id)] == ["DRAFT", "RUNNING", "COMPLETED"]
+
+    failed = run_pipeline(tmp_path, n_trials=2, gates=["test_loss:lt:-1"], return_state=True)
+    row = Ledger().find_by_flow_run(str(failed.state_details.flow_run_id))
+    assert row.state == "FAILED"
+    assert "test_loss" in row.message

@@ -25,6 +25,7 @@ from expflow_flows import gates as gates_mod
 from expflow_flows import hpo, pin, progress, submission
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.flows.ledger_hooks import HOOKS, record_outputs
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.metadata import capture_environment
 from expflow_flows.report import write_study_report
@@ -272,7 +273,7 @@ def _preflight(cfg: PipelineConfig, force: bool) -> tuple[SearchSpace, list[Any]
     return space, gates
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", **HOOKS)
 def pipeline(
     config: str | None = None,
     experiment: str | None = None,
@@ -444,6 +445,12 @@ def _stages(
         bundle = submit_bundle(cfg, evaluated, best_params, study, force)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
+    record_outputs(
+        str(flow_run.get_id() or ""),
+        params=best_params,
+        metrics=evaluated.metrics,
+        run_dir=str(run_dir.path),
+    )
     (run_dir.path / "summary.json").write_text(
         json.dumps(scrub(summary), indent=2, default=str) + "\n", encoding="utf-8"
     )

@@ -1,0 +1,256 @@
+"""Governance through the `expflow` CLI: PIN, runs, compare, audit, system status.
+
+Commands run both in-process through Typer's CliRunner and as real subprocesses
+(the way a terminal or CI runs them, with no TTY on stdin).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from expflow_flows.cli import app
+from expflow_flows.ledger import Ledger
+
+EXPFLOW = str(Path(sys.executable).with_name("expflow"))
+runner = CliRunner()
+
+
+def cli(*args: str, env: dict | None = None):
+    return subprocess.run(
+        [EXPFLOW, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr)
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def finished(ledger: Ledger, name: str, metrics: dict, params: dict | None = None, run_dir=None):
+    row = ledger.register(name, trainable="pkg.mod:train", params=params or {}, run_dir=run_dir)
+    ledger.move_to(row.id, "RUNNING")
+    ledger.update(row.id, metrics=metrics)
+    return ledger.move_to(row.id, "COMPLETED")
+
+
+# --- PIN -----------------------------------------------------------------------------
+
+
+def test_pin_lifecycle_from_the_command_line(home):
+    assert cli("pin", "init", "--new-pin", "2468").returncode == 0
+    pin_file = home / "pin.json"
+    assert stat.S_IMODE(pin_file.stat().st_mode) == 0o600
+    assert "2468" not in pin_file.read_text()
+
+    assert cli("pin", "check", "--pin", "2468").returncode == 0
+    wrong = cli("pin", "check", "--pin", "1111")
+    assert wrong.returncode == 1 and "wrong" in wrong.stdout
+
+    # Replacing or clearing needs the current PIN; without a terminal nothing is asked.
+    line = error_line(cli("pin", "init", "--new-pin", "1357"))
+    assert "current pin" in line.lower()
+    assert cli("pin", "change", "--pin", "2468", "--new-pin", "1357").returncode == 0
+    assert cli("pin", "check", "--pin", "1357").returncode == 0
+    error_line(cli("pin", "clear", "--pin", "2468"))
+    assert cli("pin", "clear", "--pin", "1357").returncode == 0
+    status = json.loads(cli("pin", "status").stdout)
+    assert status["set"] is False
+
+    audit = (home / "audit.log").read_text()
+    for secret in ("2468", "1357", "1111"):
+        assert secret not in audit
+
+
+def test_bad_new_pin_is_refused_in_one_line(home):
+    line = error_line(cli("pin", "init", "--new-pin", "12ab"))
+    assert "4" in line and "12" in line  # says what is accepted: 4 to 12 digits
+
+
+# --- runs -----------------------------------------------------------------------------
+
+
+def test_runs_list_and_show(home):
+    ledger = Ledger()
+    done = finished(ledger, "fno-a", {"nrmse": 0.02})
+    draft = ledger.register("fno-b")
+    result = runner.invoke(app, ["runs", "list", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["id"] for r in rows] == [draft.id, done.id]  # newest first
+    only = json.loads(runner.invoke(app, ["runs", "list", "--state", "COMPLETED", "--json"]).stdout)
+    assert [r["name"] for r in only] == ["fno-a"]
+    shown = json.loads(runner.invoke(app, ["runs", "show", done.id[:10]]).stdout)
+    assert shown["metrics"] == {"nrmse": 0.02}
+    assert [h["to"] for h in shown["history"]] == ["DRAFT", "RUNNING", "COMPLETED"]
+
+
+def test_runs_show_unknown_id_and_bad_state(home):
+    assert "424242" in error_line(cli("runs", "show", "424242"))
+    assert "RUNING" in error_line(cli("runs", "list", "--state", "RUNING"))
+
+
+def test_cancel_is_pin_guarded_and_leaves_the_ledger_alone_when_refused(home):
+    from expflow_flows import pin
+
+    pin.init_pin("9753")
+    row = Ledger().register("long", flow_run_id="00000000-0000-0000-0000-000000000000")
+    Ledger().move_to(row.id, "RUNNING")
+    line = error_line(cli("runs", "cancel", row.id))
+    assert "PIN" in line and "--force" in line
+    assert Ledger().get(row.id).state == "RUNNING"
+    line = error_line(cli("runs", "cancel", row.id, "--pin", "0000"))
+    assert "wrong PIN" in line
+    assert Ledger().get(row.id).state == "RUNNING"
+    entries = [json.loads(x) for x in (home / "audit.log").read_text().splitlines()]
+    assert [e["outcome"] for e in entries if e["action"] == "cancel"] == ["refused", "refused"]
+
+
+# --- compare ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(home):
+    ledger = Ledger()
+    return [
+        finished(ledger, "a", {"nrmse": 0.03, "train_time_min": 12.0}),
+        finished(ledger, "b", {"nrmse": 0.01, "train_time_min": 75.0}),
+        finished(ledger, "c", {"nrmse": 0.02, "train_time_min": 5.0}),
+        finished(ledger, "d", {"val_nrmse": 0.5}),
+    ]
+
+
+def test_compare_ranks_by_the_registry_direction(three):
+    out = json.loads(runner.invoke(app, ["compare", "--metric", "nrmse", "--json"]).stdout)
+    assert out["direction"] == "minimize"
+    assert [r["name"] for r in out["rows"]] == ["b", "c", "a"]
+    assert [e["name"] for e in out["excluded"]] == ["d"]
+    desc = json.loads(
+        runner.invoke(app, ["compare", "--metric", "PDE/nrmse", "--desc", "--json"]).stdout
+    )
+    assert [r["name"] for r in desc["rows"]] == ["a", "c", "b"]
+
+
+def test_compare_filters_by_gates_and_exports_csv(three):
+    result = runner.invoke(app, ["compare", "--gate", "train_time_min:lt:60", "--csv"])
+    assert result.exit_code == 0
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("rank,id,name,state,value")
+    assert [ln.split(",")[2] for ln in lines[1:]] == ["c", "a"]
+
+
+def test_compare_unknown_metric_lists_the_known_ones(three):
+    line = error_line(cli("compare", "--metric", "nrsme"))
+    assert "'nrsme'" in line and "PDE/nrmse" in line
+
+
+# --- audit -------------------------------------------------------------------------
+
+
+def bundle_run(tmp_path: Path, metrics: dict) -> Path:
+    """A pipeline run folder whose summary.json points at a real bundle."""
+    from expflow_flows.submission import write_bundle
+
+    pred = tmp_path / "pred.hdf5"
+    pred.write_bytes(b"predictions")
+    bundle = write_bundle(tmp_path / "subs", "b1", {"pred.hdf5": pred}, metrics=metrics, params={})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"bundle": str(bundle)}))
+    return run_dir
+
+
+def test_audit_validate_passes_a_good_experiment_and_fails_a_broken_one(home, tmp_path):
+    metrics = {"nrmse": 0.02, "train_time_min": 3.0}
+    good = finished(
+        Ledger(), "good", metrics, {"sub_step": 2}, run_dir=str(bundle_run(tmp_path, metrics))
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("primary: nrmse\nrequired_params: {sub_step: 'gt:0'}\n")
+    ok = cli("audit", "validate", good.id, "--rules", str(rules))
+    assert ok.returncode == 0, ok.stdout
+    assert "PASSED" in ok.stdout and "sub_step" in ok.stdout
+
+    bad = finished(Ledger(), "bad", {"nrmse": math.nan, "train_time_min": 90.0}, {"sub_step": 0})
+    result = cli("audit", "validate", bad.id, "--rules", str(rules), "--json")
+    assert result.returncode == 1
+    checks = {c["name"]: c["outcome"] for c in json.loads(result.stdout)[0]["checks"]}
+    assert list(checks.values()).count("fail") >= 3
+
+
+def test_audit_dataset_and_report(home, tmp_path):
+    from expflow_flows.pde.generate import generate
+
+    good = generate(
+        "advection", tmp_path / "1D_Advection_Sols_beta0.4.hdf5", n_samples=4, nx=16, nt=5
+    )
+    assert cli("audit", "dataset", str(good)).returncode == 0
+    renamed = tmp_path / "1D_Advection_Sols_beta9.9.hdf5"
+    renamed.write_bytes(good.read_bytes())
+    bad = cli("audit", "dataset", str(good), str(renamed))
+    assert bad.returncode == 1 and "FAILED" in bad.stdout
+
+    finished(Ledger(), "fine", {"nrmse": 0.01})
+    finished(Ledger(), "broken", {"rmse": 0.01})  # no primary score
+    report = cli("audit", "report", "--out", str(tmp_path / "audits"))
+    assert report.returncode == 1
+    assert "2 audited, 1 failed" in report.stdout
+    html_files = list((tmp_path / "audits").glob("audit-*.html"))
+    md_files = list((tmp_path / "audits").glob("audit-*.md"))
+    assert len(html_files) == 1 and len(md_files) == 1
+    assert "broken" in md_files[0].read_text() and "<table>" in html_files[0].read_text()
+
+
+def test_audit_flow_posts_a_table_and_fails_on_a_failing_check(prefect_harness, home):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from expflow_flows.flows.audit import audit_flow
+
+    finished(Ledger(), "fine", {"nrmse": 0.01})
+    assert audit_flow()["audited"] == 1
+    finished(Ledger(), "broken", {"rmse": 0.01})
+    state = audit_flow(return_state=True)
+    assert state.is_failed() and "1 of 2 experiments failed the audit" in state.message
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["audit-checks"]))
+        )
+    assert any("broken" in json.dumps(a.data) for a in arts)
+
+
+# --- system ------------------------------------------------------------------------
+
+
+def test_system_status_and_version(home):
+    rows = json.loads(cli("system", "status", "--json").stdout)
+    parts = [r["part"] for r in rows]
+    for part in (
+        "Prefect API",
+        "Dask",
+        "Optuna storage",
+        "Ledger",
+        "PIN guard",
+        "ClearML",
+        "Langfuse",
+        "Slurm",
+    ):
+        assert part in parts
+    assert all(r["state"] for r in rows)
+    version = cli("version")
+    assert version.returncode == 0 and "expflow-flows 0.1.0" in version.stdout
