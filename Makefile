@@ -3,7 +3,7 @@
 #
 #   make demo    generate data, start/reuse a local Prefect server, run the pipeline
 #   make test    install the dev extras and run the test suite
-#   make bench   HPO orchestration overhead vs. a plain Optuna loop
+#   make bench   PIN guess cost; HPO orchestration overhead vs. a plain Optuna loop
 #   make lint    ruff check + format check
 #   make server  local Prefect server with UI (background; `make server-stop`)
 #   make deploy  register prefect.yaml's deployments on that server
@@ -57,6 +57,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_pin.py
 	$(PY) benchmarks/bench_hpo.py
 
 lint: $(VENV)/.installed-dev

@@ -235,6 +235,33 @@ def pipeline_run(
     _show(summary, api, json_out)
 
 
+@pipeline_app.command("delete-study")
+def pipeline_delete_study(
+    study_name: str = typer.Argument(..., help="Optuna study name."),
+    storage: str | None = typer.Option(None, help="Optuna storage (default: the journal file)."),
+    pin: str | None = typer.Option(None, help="PIN (or EXPFLOW_PIN)."),
+    force: bool = typer.Option(False, help="Delete without a PIN (written to the audit log)."),
+) -> None:
+    """Delete an Optuna study and all its trials (PIN-guarded; irreversible)."""
+    from expflow_flows import hpo
+    from expflow_flows import pin as pin_mod
+
+    try:
+        store = hpo.open_storage(storage)
+        names = [s.study_name for s in store.get_all_studies()]
+        if study_name not in names:
+            raise ExpflowError(
+                f"study {study_name!r} is not in {hpo.resolve_storage(storage)}; "
+                f"studies there: {', '.join(sorted(names)) or 'none'}"
+            )
+        pin_mod.guard("delete-study", target=study_name, pin=pin, force=force)
+        store.delete_study(store.get_study_id_from_name(study_name))
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"deleted study {study_name}")
+
+
 def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
     import yaml
 
@@ -541,6 +568,31 @@ def _cancel_flow_run(flow_run_id: str, wait: float) -> str:
             time.sleep(1)
         state = client.read_flow_run(flow_run_id).state
         return state.type.value if state else "UNKNOWN"
+
+
+@runs_app.command("delete")
+def runs_delete(
+    exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
+    pin: str | None = typer.Option(None, help="PIN (or EXPFLOW_PIN)."),
+    force: bool = typer.Option(False, help="Delete without a PIN (written to the audit log)."),
+) -> None:
+    """Delete an experiment's ledger entry and history (PIN-guarded; run folders stay)."""
+    from expflow_flows import pin as pin_mod
+    from expflow_flows.ledger import Ledger
+
+    try:
+        ledger = Ledger()
+        row = ledger.get(exp_id)
+        if row.state in ("RUNNING", "ENQUEUED", "CANCEL_PENDING"):
+            raise ExpflowError(
+                f"experiment {row.id} is {row.state}; cancel it first (expflow runs cancel)"
+            )
+        pin_mod.guard("delete-ledger-entry", target=f"{row.id} ({row.name})", pin=pin, force=force)
+        ledger.delete(row.id)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"deleted {row.id} ({row.name}) from the ledger")
 
 
 @runs_app.command("retry")

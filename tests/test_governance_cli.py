@@ -254,3 +254,33 @@ def test_system_status_and_version(home):
     assert all(r["state"] for r in rows)
     version = cli("version")
     assert version.returncode == 0 and "expflow-flows 0.1.0" in version.stdout
+
+
+def test_deleting_ledger_entries_and_studies_is_guarded(home, tmp_path):
+    from expflow_flows import pin
+    from expflow_flows.hpo import open_storage, open_study
+
+    row = finished(Ledger(), "old", {"nrmse": 0.5})
+    journal = str(tmp_path / "journal.log")
+    open_study(journal, "old-study").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    pin.init_pin("8642")
+
+    error_line(cli("runs", "delete", row.id))
+    error_line(cli("pipeline", "delete-study", "old-study", "--storage", journal))
+    assert Ledger().get(row.id).name == "old"
+    assert [s.study_name for s in open_storage(journal).get_all_studies()] == ["old-study"]
+
+    assert cli("runs", "delete", row.id, "--pin", "8642").returncode == 0
+    assert (
+        cli("pipeline", "delete-study", "old-study", "--storage", journal, "--force").returncode
+        == 0
+    )
+    assert Ledger().list() == []
+    assert open_storage(journal).get_all_studies() == []
+    assert "no-such" in error_line(cli("pipeline", "delete-study", "no-such", "--storage", journal))
+    outcomes = {
+        (e["action"], e["outcome"])
+        for e in map(json.loads, (home / "audit.log").read_text().splitlines())
+    }
+    assert ("delete-ledger-entry", "allowed") in outcomes
+    assert ("delete-study", "forced") in outcomes
