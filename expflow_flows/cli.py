@@ -152,6 +152,8 @@ def _print_summary(summary: dict[str, Any], api: str | None) -> None:
     table.add_row("bundle", summary["bundle"] or "not submitted")
     table.add_row("report", summary["report"])
     table.add_row("run folder", summary["run_dir"])
+    if summary.get("ledger_id"):
+        table.add_row("ledger id", f"{summary['ledger_id']} (expflow runs show …)")
     if api:
         table.add_row("Prefect UI", api.removesuffix("/api"))
     console.print(table)
@@ -200,6 +202,9 @@ def pipeline_run(
     submit: bool | None = typer.Option(None, help="Write a submission bundle if gates pass."),
     submit_to: str | None = typer.Option(None, help="Folder for submission bundles."),
     param: list[str] | None = typer.Option(None, help="Fixed parameter name=value (repeatable)."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Any pipeline setting as key=YAML, e.g. hpo_budget='{epochs: 5}'."
+    ),
     pin: str | None = typer.Option(None, help="PIN for the guarded submit (or EXPFLOW_PIN)."),
     force: bool = typer.Option(False, help="Submit without a PIN (written to the audit log)."),
     port: int = typer.Option(4200, help="Local Prefect server port."),
@@ -225,6 +230,7 @@ def pipeline_run(
         "submit_to": submit_to,
     }
     try:
+        overrides.update(_parse_settings(set_ or []))
         if param:
             overrides["params"] = _parse_params(param, config)
         api = _ensure_server(port, server)
@@ -260,6 +266,22 @@ def pipeline_delete_study(
         fail(str(exc))
         return
     typer.echo(f"deleted study {study_name}")
+
+
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs, values read as YAML; keys are checked by build_config."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ExpflowError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ExpflowError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
 
 
 def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:

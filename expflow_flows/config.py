@@ -134,6 +134,14 @@ def _validate(cfg: PipelineConfig) -> None:
         isinstance(cfg.params, dict),
         f"params={cfg.params!r}: expected a mapping of fixed parameters",
     )
+    from expflow_flows.trainable import ARG_STYLES, Budget
+
+    Budget.from_value(cfg.hpo_budget)
+    Budget.from_value(cfg.final_budget)
+    need(
+        cfg.arg_style in ARG_STYLES,
+        f"arg_style={cfg.arg_style!r}: expected one of {', '.join(ARG_STYLES)}",
+    )
     need(
         cfg.trial_timeout is None or cfg.trial_timeout > 0,
         f"trial_timeout={cfg.trial_timeout!r}: expected a positive number of seconds",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,42 @@ def test_bad_values_name_what_is_accepted(home, args, needle):
 def test_unknown_problem_for_data_generation(home):
     line = one_error_line(expflow("pde", "generate", "navier_stokes_9d"))
     assert "navier_stokes_9d" in line and "advection" in line
+
+
+def test_any_setting_can_be_set_from_the_command_line(home):
+    line = one_error_line(expflow("pipeline", "run", "--set", "n_trails=3"))
+    assert "'n_trails'" in line
+    line = one_error_line(expflow("pipeline", "run", "--set", "hpo_budget={epoch: 5}"))
+    assert "budget key 'epoch'" in line
+
+
+def test_pipeline_run_from_the_command_line_end_to_end(home, tmp_path):
+    out = expflow(
+        "pipeline",
+        "run",
+        "--config",
+        "deployments/pde-advection.yaml",
+        "--experiment",
+        "cli-e2e",
+        "--n-trials",
+        "2",
+        "--runner",
+        "threads",
+        "--set",
+        "hpo_budget={epochs: 3}",
+        "--set",
+        "final_budget={epochs: 5}",
+        "--gate",
+        "nrmse:lt:1",
+        "--submit-to",
+        str(tmp_path / "subs"),
+        "--json",
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 2
+    assert Path(summary["bundle"]).parent == tmp_path / "subs"
+    shown = expflow("runs", "show", summary["ledger_id"])
+    assert json.loads(shown.stdout)["state"] == "COMPLETED"

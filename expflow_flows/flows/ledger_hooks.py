@@ -77,17 +77,19 @@ def on_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
     _move(flow, flow_run, state, "CANCELLED")
 
 
-def record_outputs(flow_run_id: str, *, params: dict, metrics: dict, run_dir: str) -> None:
-    """Store a finished run's parameters, metrics and folder on its ledger row."""
+def record_outputs(flow_run_id: str, *, params: dict, metrics: dict, run_dir: str) -> str | None:
+    """Store a finished run's parameters, metrics and folder on its ledger row; returns its id."""
     if not flow_run_id:
-        return
+        return None
     try:
         ledger = Ledger()
         row = ledger.find_by_flow_run(flow_run_id)
         if row is not None:
             ledger.update(row.id, params=params, metrics=metrics, run_dir=run_dir)
+            return row.id
     except Exception as exc:  # noqa: BLE001 - bookkeeping must not break the run
         log.warning("ledger not updated for flow run %s: %s", flow_run_id, exc)
+    return None
 
 
 HOOKS: dict[str, list[Any]] = {

@@ -445,7 +445,7 @@ def _stages(
         bundle = submit_bundle(cfg, evaluated, best_params, study, force)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
-    record_outputs(
+    summary["ledger_id"] = record_outputs(
         str(flow_run.get_id() or ""),
         params=best_params,
         metrics=evaluated.metrics,
