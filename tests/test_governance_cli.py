@@ -95,7 +95,7 @@ def test_runs_list_and_show(home):
     assert [r["id"] for r in rows] == [draft.id, done.id]  # newest first
     only = json.loads(runner.invoke(app, ["runs", "list", "--state", "COMPLETED", "--json"]).stdout)
     assert [r["name"] for r in only] == ["fno-a"]
-    shown = json.loads(runner.invoke(app, ["runs", "show", done.id[:10]]).stdout)
+    shown = json.loads(runner.invoke(app, ["runs", "show", done.id]).stdout)
     assert shown["metrics"] == {"nrmse": 0.02}
     assert [h["to"] for h in shown["history"]] == ["DRAFT", "RUNNING", "COMPLETED"]
 
