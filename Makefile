@@ -53,12 +53,16 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(EXPFLOW) demo --port $(PORT)
 
+# Headless Chromium (Debian's package) checks the HTML reports; the script installs it
+# when it is missing and this is root with apt, and otherwise lets those tests skip.
 test: $(VENV)/.installed-dev
+	./scripts/ensure-chromium.sh
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_pin.py
 	$(PY) benchmarks/bench_hpo.py
+	$(PY) benchmarks/bench_sweep.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check expflow_flows tests benchmarks

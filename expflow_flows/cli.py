@@ -33,6 +33,10 @@ audit_app = typer.Typer(
     help="Audits: experiments against competition rules, data files against PDEBench's layout.",
     no_args_is_help=True,
 )
+sweep_app = typer.Typer(help="Parameter sweeps: run, follow, read results.", no_args_is_help=True)
+package_app = typer.Typer(
+    help="Reproducibility packages: create, verify, reproduce.", no_args_is_help=True
+)
 system_app = typer.Typer(help="What is installed and reachable.", no_args_is_help=True)
 server_app = typer.Typer(help="A local Prefect server (UI) on loopback.", no_args_is_help=True)
 runs_app = typer.Typer(
@@ -48,6 +52,8 @@ app.add_typer(server_app, name="server")
 app.add_typer(pin_app, name="pin")
 app.add_typer(runs_app, name="runs")
 app.add_typer(audit_app, name="audit")
+app.add_typer(sweep_app, name="sweep")
+app.add_typer(package_app, name="package")
 
 DEMO_CONFIG = Path(__file__).parent / "pde" / "demo.yaml"
 
@@ -787,6 +793,208 @@ def _print_audits(reports: list[Any], json_out: bool) -> None:
         for r in reports:
             typer.echo(r.to_markdown())
     if any(not r.passed for r in reports):
+        raise typer.Exit(1)
+
+
+@sweep_app.command("run")
+def sweep_run(
+    config: Path | None = typer.Option(None, help="Sweep config YAML (see deployments/)."),
+    name: str | None = typer.Option(None, help="Sweep name (its folder and cache)."),
+    trainable: str | None = typer.Option(None, help="module:function or script path."),
+    space: str | None = typer.Option(None, help="Sweep space YAML file."),
+    workers: int | None = typer.Option(None, help="Dask workers of the local cluster."),
+    dask_address: str | None = typer.Option(None, help="Use an existing Dask scheduler."),
+    force: bool = typer.Option(False, help="Run every combination again, cached or not."),
+    set_: list[str] | None = typer.Option(
+        None, "--set", help="Any sweep setting as key=YAML, e.g. resources='{memory: 2GB}'."
+    ),
+    port: int = typer.Option(4200, help="Local Prefect server port."),
+    server: bool = typer.Option(False, help="Start (or reuse) a local Prefect server."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run a sweep: every combination of a space, cached and resumable."""
+    overrides: dict[str, Any] = {
+        "name": name,
+        "trainable": trainable,
+        "space": space,
+        "workers": workers,
+        "dask_address": dask_address,
+        "force": True if force else None,
+    }
+    try:
+        overrides.update(_parse_settings(set_ or []))
+        from expflow_flows.sweep.config import build_sweep_config
+
+        build_sweep_config(config, **overrides)  # bad settings: one line, before anything starts
+        api = _ensure_server(port, server)
+        from expflow_flows.flows.sweep import sweep
+
+        summary = sweep(config=str(config) if config else None, **overrides)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    typer.echo(
+        f"sweep {summary['name']}: {summary['combinations']} combinations "
+        f"({summary['ran']} ran, {summary['cached']} cached): {counts}"
+    )
+    for i, row in enumerate(summary["best"], 1):
+        params = ", ".join(
+            f"{k.removeprefix('param:')}={v}" for k, v in row.items() if k.startswith("param:")
+        )
+        typer.echo(
+            f"  #{i} {summary['objective']}={row.get('metric:' + summary['objective'])}  {params}"
+        )
+    typer.echo(f"dashboard: {summary['dashboard']}\nstatus:    {summary['status_page']}")
+    typer.echo(f"results:   {summary['results_csv']}")
+    if api:
+        typer.echo(f"Prefect UI: {api.removesuffix('/api')}")
+
+
+def _sweep_dir(name: str) -> Path:
+    from expflow_flows.home import runs_root
+
+    d = runs_root() / name
+    if not (d / "results.sqlite").exists():
+        raise ExpflowError(f"no sweep named {name!r} under {runs_root()}")
+    return d
+
+
+@sweep_app.command("status")
+def sweep_status(name: str = typer.Argument(..., help="Sweep name.")) -> None:
+    """Counts by status of a sweep, running or finished, read from its results store."""
+    from expflow_flows.sweep.store import ResultStore
+
+    try:
+        d = _sweep_dir(name)
+        counts = ResultStore(d / "results.sqlite", create=False).counts()
+        meta = (
+            json.loads((d / "metadata.json").read_text()) if (d / "metadata.json").exists() else {}
+        )
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    total = meta.get("combinations")
+    done = sum(counts.values())
+    typer.echo(
+        f"{name}: {done}/{total or '?'} rows: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
+    typer.echo(f"status page: {d / 'status.html'}")
+
+
+@sweep_app.command("results")
+def sweep_results(
+    name: str = typer.Argument(..., help="Sweep name."),
+    best: str | None = typer.Option(None, help="Show the best rows by this metric."),
+    maximize: bool = typer.Option(False, help="Higher is better for --best."),
+    n: int = typer.Option(10, help="How many best rows."),
+    summary_by: list[str] | None = typer.Option(
+        None,
+        "--by",
+        help="Summarise --best's metric by these params (mean, std, 95% CI across seeds).",
+    ),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write all rows to this CSV file."),
+    parquet_out: Path | None = typer.Option(
+        None, "--parquet", help="Write all rows to this Parquet file."
+    ),
+) -> None:
+    """Read a sweep's results: best rows, statistics per parameter, CSV/Parquet exports."""
+    from expflow_flows.sweep.results import SweepResults
+
+    try:
+        results = SweepResults.load(_sweep_dir(name))
+        if csv_out:
+            results.to_csv(csv_out)
+            typer.echo(f"wrote {csv_out}")
+        if parquet_out:
+            results.to_parquet(parquet_out)
+            typer.echo(f"wrote {parquet_out}")
+        if best:
+            if summary_by:
+                for row in results.summary(best, by=list(summary_by)):
+                    typer.echo(json.dumps(row, default=str))
+            else:
+                for row in results.best(best, maximize=maximize, n=n):
+                    typer.echo(json.dumps(row, default=str))
+        if not (best or csv_out or parquet_out):
+            typer.echo(json.dumps(results.status_counts()))
+    except ExpflowError as exc:
+        fail(str(exc))
+
+
+@package_app.command("create")
+def package_create(
+    sweep_name: str | None = typer.Option(None, "--sweep", help="Package this sweep."),
+    experiment: str | None = typer.Option(None, help="Package this ledger experiment."),
+    out: Path = typer.Option(Path("."), help="Folder (or .tar.gz path) for the archive."),
+    include_data_up_to_mb: float = typer.Option(
+        10.0, help="Include input data files up to this size."
+    ),
+) -> None:
+    """Package a sweep or an experiment: code, config, environment, data checksums, results."""
+    from expflow_flows.package import package_experiment, package_sweep
+
+    try:
+        if bool(sweep_name) == bool(experiment):
+            raise ExpflowError("give exactly one of --sweep NAME or --experiment ID")
+        if sweep_name:
+            path = package_sweep(
+                _sweep_dir(sweep_name), out, include_data_up_to_mb=include_data_up_to_mb
+            )
+        else:
+            path = package_experiment(experiment, out, include_data_up_to_mb=include_data_up_to_mb)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(str(path))
+
+
+@package_app.command("verify")
+def package_verify(
+    archive: Path = typer.Argument(..., help="A package (.tar.gz) or its folder."),
+) -> None:
+    """Check a package's integrity and how this environment differs; exit 1 when broken."""
+    from expflow_flows.package import verify_package
+
+    try:
+        report = verify_package(archive)
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@package_app.command("reproduce")
+def package_reproduce(
+    archive: Path = typer.Argument(..., help="A package (.tar.gz) or its folder."),
+    combos: str | None = typer.Option(
+        None, help="Comma-separated run ids to re-run (default: all)."
+    ),
+    first: int | None = typer.Option(None, help="Re-run only the first N runs."),
+    tolerance: float = typer.Option(1e-6, help="Relative tolerance for metrics."),
+    workdir: Path | None = typer.Option(None, help="Where to unpack and re-run."),
+) -> None:
+    """Unpack safely, re-run chosen runs, compare metrics; exit 1 when any differs or fails."""
+    from expflow_flows.package import reproduce
+
+    try:
+        report = reproduce(
+            archive,
+            combos=[c for c in (combos or "").split(",") if c] or None,
+            first=first,
+            tolerance=tolerance,
+            workdir=workdir,
+        )
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    typer.echo(report.summary())
+    if not report.ok:
         raise typer.Exit(1)
 
 

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -183,6 +184,8 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     intermediate: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float | None = None
+    peak_rss_mb: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -295,6 +298,8 @@ def run_trainable(
     if spec.kind == "callable":
         result = _run_callable(spec, params, rd, budget, upstream, hook)
         meta["cpu_s"] = round(time.process_time() - cpu0, 3)
+        # A callable shares its process: this is the process's high-water mark.
+        meta["peak_rss_mb"] = round(_maxrss_mb(resource.getrusage(resource.RUSAGE_SELF)), 1)
     else:
         result = _run_script(
             spec, params, rd, budget, upstream, hook, timeout, arg_style, extra_env or {}
@@ -323,6 +328,8 @@ def run_trainable(
         warnings=found_warnings,
         intermediate=intermediate,
         wall_s=round(ended - started, 3),
+        cpu_s=meta.get("cpu_s"),
+        peak_rss_mb=meta.get("peak_rss_mb"),
     )
 
 
@@ -515,7 +522,10 @@ def _run_script(
             if hook is not None and pruned_at is None and hook(step, values):
                 pruned_at = step
                 _terminate(proc)
-        returncode = proc.wait()
+        returncode, usage = _wait_with_usage(proc)
+        if usage is not None:
+            meta["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
+            meta["peak_rss_mb"] = round(_maxrss_mb(usage), 1)
         if timer is not None:
             timer.cancel()
         log.flush()
@@ -572,6 +582,21 @@ def _script_outcome(
         "intermediate": intermediate,
         "meta": meta,
     }
+
+
+def _maxrss_mb(usage: Any) -> float:
+    # Linux reports ru_maxrss in KiB.
+    return usage.ru_maxrss / 1024.0
+
+
+def _wait_with_usage(proc: subprocess.Popen) -> tuple[int, Any]:
+    """Wait for the script and read its own CPU time and peak memory (os.wait4)."""
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # already reaped (e.g. by a timeout path)
+        return proc.wait(), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
 
 
 def _terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:

@@ -63,3 +63,63 @@ def evaluate_with_pred(params, run):
     x = float((run.upstream / "model.txt").read_text())
     (run.run_dir / "pred.hdf5").write_bytes(f"predictions for x={x}".encode())
     return {"test_loss": (x - 2.0) ** 2, "x_used": x}
+
+
+# --- sweeps -------------------------------------------------------------------------
+
+
+def _log_call(params, tag="call"):
+    import json
+    import os
+
+    path = os.environ.get("SWEEP_CALLS_LOG")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"tag": tag, "params": params}, sort_keys=True) + "\n")
+
+
+def sweep_square(params, run):
+    """(x-3)^2 + y, logging each call so tests can count executions."""
+    _log_call(params)
+    return {
+        "value": (float(params["x"]) - 3.0) ** 2 + float(params.get("y", 0)),
+        "x_seen": float(params["x"]),
+    }
+
+
+def slow_square(params, run):
+    import time
+
+    time.sleep(float(params.get("sleep", 0.2)))
+    return sweep_square(params, run)
+
+
+def dies_once(params, run):
+    """Kills its own worker process the first time it sees a combination."""
+    import os
+    from pathlib import Path
+
+    marker = Path(os.environ["SWEEP_MARKERS"]) / f"x{params['x']}"
+    if not marker.exists():
+        marker.write_text("died")
+        os._exit(1)
+    return {"value": float(params["x"])}
+
+
+def prepare(params, run):
+    _log_call(params, "prepare")
+    (run.run_dir / "data.txt").write_text(str(params["x"]))
+    return {"prepared": 1.0}
+
+
+def train_step(params, run):
+    _log_call(params, "train")
+    x = float((run.upstream / "data.txt").read_text())
+    (run.run_dir / "model.txt").write_text(str(x * 2))
+    return {"train_loss": x}
+
+
+def evaluate_step(params, run):
+    _log_call(params, "evaluate")
+    model = float((run.upstream / "model.txt").read_text())
+    return {"score": model + 1}

@@ -25,7 +25,7 @@ from expflow_flows import gates as gates_mod
 from expflow_flows import hpo, pin, progress, submission
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
-from expflow_flows.flows.ledger_hooks import HOOKS, record_outputs
+from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.metadata import capture_environment
 from expflow_flows.report import write_study_report
@@ -273,7 +273,7 @@ def _preflight(cfg: PipelineConfig, force: bool) -> tuple[SearchSpace, list[Any]
     return space, gates
 
 
-@flow(name="pipeline", **HOOKS)
+@flow(name="pipeline", **hooks_for(describe_pipeline))
 def pipeline(
     config: str | None = None,
     experiment: str | None = None,

@@ -1,0 +1,489 @@
+"""The ``sweep`` flow: thousands of combinations with a bounded number of Prefect tasks.
+
+Prefect tracks one task per chunk of combinations; inside a chunk, Dask's own
+``client.map`` fans the combinations out over the cluster's workers (a
+``LocalCluster`` by default, or ``dask_address``). Every finished combination is
+written to the sweep's results store at once, so a re-run (after a crash, a
+``kill -9`` or a change) runs only what is not already done with the same
+identity. Reports (status page, dashboard) and exports are files in the sweep
+folder, linked from artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from expflow_flows.errors import ExpflowError
+from expflow_flows.flows.ledger_hooks import hooks_for, record_outputs
+from expflow_flows.home import runs_root
+from expflow_flows.metadata import capture_environment
+from expflow_flows.sweep.config import SweepConfig, build_sweep_config
+from expflow_flows.sweep.execute import ComboPlan, StepPlan, run_combination
+from expflow_flows.sweep.identity import cache_key, file_checksum, trainable_fingerprint
+from expflow_flows.sweep.report import write_dashboard, write_status_page
+from expflow_flows.sweep.results import SweepResults
+from expflow_flows.sweep.space import SweepSpace
+from expflow_flows.sweep.store import ResultStore
+from expflow_flows.trainable import Trainable
+
+PLAN_BATCH = 5000
+MAX_CHUNKS = 50
+_CLIENTS: dict[str, Any] = {}
+
+
+def describe(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Name, trainable and settings of a sweep run, for the ledger."""
+    fields = {k: v for k, v in parameters.items() if k != "config"}
+    cfg = build_sweep_config(parameters.get("config"), **fields)
+    trainable = cfg.trainable or " -> ".join(s.trainable for s in cfg.step_configs())
+    return cfg.name, trainable, cfg.to_dict()
+
+
+def plan_combinations(
+    cfg: SweepConfig, space: SweepSpace, store: ResultStore, sweep_dir: Path
+) -> tuple[list[dict[str, Any]], int, set[str]]:
+    """The combinations that still need running (as worker plans), the total count, and the
+    keys of every step of every combination of this space (older results are history)."""
+    steps = cfg.step_configs()
+    fingerprints = {s.name: trainable_fingerprint(s.trainable) for s in steps}
+    inputs = {
+        str(Path(p).expanduser()): file_checksum(str(Path(p).expanduser())) for p in cfg.inputs
+    }
+    pending: list[dict[str, Any]] = []
+    current: set[str] = set()
+    total = 0
+    batch: list[tuple[Any, list[tuple[Any, str]]]] = []
+
+    def flush() -> None:
+        keys = [k for _, ks in batch for _, k in ks]
+        done = store.completed_keys(keys)
+        for combo, step_keys in batch:
+            plans = []
+            rerun = False
+            for step, key in step_keys:
+                cached = key in done and not cfg.forced(step.name) and not rerun
+                rerun = rerun or not cached
+                plans.append(
+                    StepPlan(
+                        name=step.name,
+                        trainable=step.trainable,
+                        key=key,
+                        run_dir=str(sweep_dir / "runs" / combo.id / f"{step.name}-{key[:10]}"),
+                        budget=step.budget if step.budget is not None else cfg.budget,
+                        timeout=step.timeout if step.timeout is not None else cfg.timeout,
+                        cached=cached,
+                    )
+                )
+            if rerun:
+                pending.append(
+                    ComboPlan(
+                        combo.id, combo.index, combo.params, tuple(plans), cfg.arg_style
+                    ).to_dict()
+                )
+        batch.clear()
+
+    for combo in space.combinations():
+        total += 1
+        upstream = ""
+        step_keys = []
+        for step in steps:
+            upstream = cache_key(
+                fingerprints[step.name],
+                combo.params,
+                inputs=inputs,
+                upstream=upstream,
+                version=step.version or cfg.version,
+                budget=step.budget if step.budget is not None else cfg.budget,
+            )
+            step_keys.append((step, upstream))
+            current.add(upstream)
+        batch.append((combo, step_keys))
+        if len(batch) >= PLAN_BATCH:
+            flush()
+    if batch:
+        flush()
+    return pending, total, current
+
+
+def _failed_row(plan: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The row for a combination whose Dask task itself failed (e.g. its worker kept dying)."""
+    step = next(s for s in plan["steps"] if not s["cached"])
+    now = time.time()
+    return {
+        "key": step["key"],
+        "combo_id": plan["combo_id"],
+        "combo_index": plan["combo_index"],
+        "step": step["name"],
+        "params": plan["params"],
+        "metrics": {},
+        "status": "failed",
+        "reason": reason,
+        "run_dir": step["run_dir"],
+        "started_at": now,
+        "ended_at": now,
+        "wall_s": 0.0,
+        "log_excerpt": "",
+    }
+
+
+@task(name="chunk", task_run_name="chunk-{index}", cache_policy=NO_CACHE, log_prints=False)
+def run_chunk(
+    index: int,
+    plans: list[dict[str, Any]],
+    client_token: str,
+    store_path: str,
+    retries: int,
+    resources: dict[str, float],
+) -> dict[str, int]:
+    """Fan one chunk of combinations out with ``client.map``; record each as it finishes."""
+    from distributed import as_completed
+
+    client = _CLIENTS[client_token]
+    store = ResultStore(Path(store_path))
+    keys = [f"combo-{p['combo_id']}-{uuid.uuid4().hex[:8]}" for p in plans]
+    by_key = dict(zip(keys, plans, strict=True))
+    futures = client.map(
+        run_combination, plans, key=keys, pure=False, retries=retries, resources=resources or None
+    )
+    counts = {"ok": 0, "warning": 0, "pruned": 0, "failed": 0}
+    buffer: list[dict[str, Any]] = []
+    flushed = time.monotonic()
+    for future in as_completed(futures):
+        plan = by_key[future.key]
+        try:
+            rows = future.result()
+        except Exception as exc:  # noqa: BLE001 - a lost worker or task error fails one combination
+            rows = [_failed_row(plan, f"{type(exc).__name__}: {exc}")]
+        future.release()
+        if rows:
+            counts[rows[-1]["status"]] = counts.get(rows[-1]["status"], 0) + 1
+        buffer.extend(rows)
+        if len(buffer) >= 50 or time.monotonic() - flushed > 0.5:
+            store.record_many(buffer)
+            buffer.clear()
+            flushed = time.monotonic()
+    if buffer:
+        store.record_many(buffer)
+    get_run_logger().info(
+        "chunk %d: %s", index, ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+    )
+    return counts
+
+
+def _start_dask(cfg: SweepConfig) -> tuple[Any, Any]:
+    """A client on ``dask_address``, or on a new LocalCluster with one thread per worker."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if cfg.dask_address:
+        return Client(cfg.dask_address), None
+    wanted = cfg.dask_resources()
+    if wanted.get("GPU"):
+        import shutil
+
+        if shutil.which("nvidia-smi") is None:
+            raise ExpflowError(
+                f"resources ask for gpu={cfg.resources['gpu']} but this machine has no GPU "
+                "(no nvidia-smi); use a cluster with GPU workers (dask_address)"
+            )
+    if wanted.get("CPU", 1) > 1:
+        raise ExpflowError(
+            f"resources ask for cpu={cfg.resources['cpu']} per combination, but local workers have 1 "
+            "thread each; lower it or use a cluster (dask_address)"
+        )
+    import psutil
+
+    memory = psutil.virtual_memory().total / cfg.workers
+    cluster = LocalCluster(
+        n_workers=cfg.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        resources={"CPU": 1, "MEMORY": memory, "GPU": 0},
+    )
+    return Client(cluster), cluster
+
+
+class _StatusWriter:
+    """Rewrites the live status page every few seconds while the sweep runs."""
+
+    def __init__(
+        self, store: ResultStore, keys: set[str], path: Path, title: str, total: int, every: float
+    ):
+        self.store, self.keys, self.path = store, keys, path
+        self.title, self.total, self.every = title, total, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _write(self, refresh: int | None) -> None:
+        rows = current_results(self.store, self.keys).rows
+        write_status_page(rows, self.path, title=self.title, total=self.total, refresh_s=refresh)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self._write(max(2, int(self.every)))
+            except Exception:  # noqa: BLE001, S112 - a status page must never stop the sweep
+                continue
+
+    def __enter__(self) -> _StatusWriter:
+        self._write(max(2, int(self.every)))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._write(None)
+
+
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), **hooks_for(describe))
+def sweep(
+    config: str | None = None,
+    name: str | None = None,
+    trainable: str | None = None,
+    steps: list[dict[str, Any]] | None = None,
+    space: str | dict[str, Any] | None = None,
+    budget: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    version: str | None = None,
+    inputs: list[str] | None = None,
+    force: bool | list[str] | None = None,
+    workers: int | None = None,
+    dask_address: str | None = None,
+    chunk_size: int | None = None,
+    retries: int | None = None,
+    resources: dict[str, Any] | None = None,
+    max_failure_ratio: float | None = None,
+    objective: str | None = None,
+    maximize: bool | None = None,
+) -> dict[str, Any]:
+    """Run a trainable (or a chain of steps) over every combination of a space, with caching and resume."""
+    try:
+        cfg = build_sweep_config(
+            config,
+            name=name,
+            trainable=trainable,
+            steps=steps,
+            space=space,
+            budget=budget,
+            timeout=timeout,
+            version=version,
+            inputs=inputs,
+            force=force,
+            workers=workers,
+            dask_address=dask_address,
+            chunk_size=chunk_size,
+            retries=retries,
+            resources=resources,
+            max_failure_ratio=max_failure_ratio,
+            objective=objective,
+            maximize=maximize,
+        )
+        return run_sweep(cfg)
+    except ExpflowError as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """The sweep's stages: plan, fan out in chunks, report."""
+    logger = get_run_logger()
+    space = SweepSpace.load(cfg.space)
+    for step in cfg.step_configs():
+        Trainable.parse(step.trainable).check()
+    sweep_dir = runs_root() / cfg.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(sweep_dir / "results.sqlite")
+    flow_run_id = str(flow_run.get_id() or "")
+    t0 = time.perf_counter()
+    pending, total, current = plan_combinations(cfg, space, store, sweep_dir)
+    metadata = {
+        "flow_run_id": flow_run_id,
+        "config": cfg.to_dict(),
+        "space": space.to_dict(),
+        "combinations": total,
+        "inputs": {p: file_checksum(str(Path(p).expanduser())) for p in cfg.inputs},
+        "environment": capture_environment(),
+        "planned_s": round(time.perf_counter() - t0, 3),
+    }
+    (sweep_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    store.set_meta("sweep", metadata)
+    logger.info(
+        "sweep %s: %d combinations, %d already done, %d to run",
+        cfg.name,
+        total,
+        total - len(pending),
+        len(pending),
+    )
+    status_path = sweep_dir / "status.html"
+    if pending:
+        size = cfg.chunk_size or max(50, math.ceil(len(pending) / MAX_CHUNKS))
+        chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
+        client, cluster = _start_dask(cfg)
+        token = uuid.uuid4().hex
+        _CLIENTS[token] = client
+        progress_id = create_progress_artifact(
+            progress=0.0,
+            key=_key(cfg.name, "progress"),
+            description=f"Sweep {cfg.name}: chunks done",
+        )
+        try:
+            with _StatusWriter(
+                store, current, status_path, f"Sweep {cfg.name}", total, cfg.status_every_s
+            ):
+                futures = [
+                    run_chunk.submit(
+                        i, chunk, token, str(store.path), cfg.retries, cfg.dask_resources()
+                    )
+                    for i, chunk in enumerate(chunks)
+                ]
+                for done, future in enumerate(futures, 1):
+                    future.wait()
+                    update_progress_artifact(progress_id, 100.0 * done / len(futures))
+                for future in futures:
+                    future.result()
+        finally:
+            _CLIENTS.pop(token, None)
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    else:
+        write_status_page(
+            current_results(store, current).rows,
+            status_path,
+            title=f"Sweep {cfg.name}",
+            total=total,
+            refresh_s=None,
+        )
+    return _finish(
+        cfg, current_results(store, current), sweep_dir, total, len(pending), flow_run_id
+    )
+
+
+def _key(*parts: str) -> str:
+    text = "-".join(parts).lower()
+    return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")[:100]
+
+
+def current_results(store: ResultStore, keys: set[str]) -> SweepResults:
+    """This space's results: rows of earlier code versions or settings stay in the store as history."""
+    return SweepResults([r for r in store.rows() if r["key"] in keys])
+
+
+def _finish(
+    cfg: SweepConfig, results: SweepResults, sweep_dir: Path, total: int, ran: int, flow_run_id: str
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    last_step = cfg.step_configs()[-1].name
+    final = results.filter(step=last_step)
+    counts = {k: v for k, v in final.status_counts().items() if v}
+    csv_path = sweep_dir / "results.csv"
+    results.to_csv(csv_path)
+    parquet_path = sweep_dir / "results.parquet"
+    results.to_parquet(parquet_path)
+    metrics = sorted({c.removeprefix("metric:") for c in final.columns if c.startswith("metric:")})
+    objective = cfg.objective or (metrics[0] if metrics else None)
+    dashboard = write_dashboard(
+        final.rows,
+        sweep_dir / "dashboard.html",
+        title=f"Sweep {cfg.name}",
+        objective=objective,
+        maximize=cfg.maximize,
+    )
+    best = (
+        final.best(objective, maximize=cfg.maximize, n=5)
+        if objective and counts.get("ok", 0) + counts.get("warning", 0)
+        else []
+    )
+    failed = counts.get("failed", 0)
+    finished = sum(counts.values())
+    summary = {
+        "name": cfg.name,
+        "sweep_dir": str(sweep_dir),
+        "combinations": total,
+        "ran": ran,
+        "cached": total - ran,
+        "counts": counts,
+        "objective": objective,
+        "best": best,
+        "results_csv": str(csv_path),
+        "results_parquet": str(parquet_path),
+        "dashboard": str(dashboard),
+        "status_page": str(sweep_dir / "status.html"),
+    }
+    create_markdown_artifact(
+        key=_key(cfg.name, "summary"),
+        markdown=_summary_markdown(summary, best),
+        description=f"Sweep {cfg.name}",
+    )
+    record_outputs(
+        flow_run_id,
+        params={"space": cfg.space if isinstance(cfg.space, str) else "inline"},
+        metrics={"combinations": float(total), "failed": float(failed)},
+        run_dir=str(sweep_dir),
+    )
+    ratio = failed / finished if finished else 0.0
+    if finished and failed == finished:
+        raise ExpflowError(
+            f"all {finished} combinations of sweep {cfg.name!r} failed; see {summary['status_page']}"
+        )
+    if cfg.max_failure_ratio is not None and ratio > cfg.max_failure_ratio:
+        raise ExpflowError(
+            f"sweep {cfg.name!r}: {failed} of {finished} combinations failed ({ratio:.1%}), "
+            f"above max_failure_ratio {cfg.max_failure_ratio:.1%}; see {summary['status_page']}"
+        )
+    logger.info(
+        "sweep %s done: %s; dashboard %s",
+        cfg.name,
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        dashboard,
+    )
+    return summary
+
+
+def _summary_markdown(summary: dict[str, Any], best: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Sweep {summary['name']}",
+        "",
+        f"{summary['combinations']} combinations: {summary['ran']} ran now, {summary['cached']} cached. "
+        + ", ".join(f"{k}: {v}" for k, v in summary["counts"].items()),
+        "",
+        f"- Dashboard: `{summary['dashboard']}`",
+        f"- Status page: `{summary['status_page']}`",
+        f"- Results: `{summary['results_csv']}`, `{summary['results_parquet']}`",
+        "",
+    ]
+    if best:
+        params = sorted({k for r in best for k in r if k.startswith("param:")})
+        lines += [
+            f"## Best by {summary['objective']}",
+            "",
+            "| rank | "
+            + " | ".join(p.removeprefix("param:") for p in params)
+            + f" | {summary['objective']} |",
+            "|---" * (len(params) + 2) + "|",
+        ]
+        for i, r in enumerate(best, 1):
+            cells = " | ".join(str(r.get(p, "")) for p in params)
+            lines.append(f"| {i} | {cells} | {r.get('metric:' + summary['objective'])} |")
+    return "\n".join(lines)

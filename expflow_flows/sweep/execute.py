@@ -1,0 +1,105 @@
+"""What a Dask worker does for one combination: run its chain of steps, skipping cached ones.
+
+The flow plans each combination (keys, folders, which steps are cached) and the
+workers only execute; every result is a plain row for the results store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expflow_flows.trainable import run_trainable
+
+LOG_EXCERPT_LINES = 20
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step of one combination: what to run, where, under which cache key."""
+
+    name: str
+    trainable: str
+    key: str
+    run_dir: str
+    budget: dict[str, Any] | None = None
+    timeout: float | None = None
+    cached: bool = False  # completed before with this key: reuse its folder
+
+
+@dataclass(frozen=True)
+class ComboPlan:
+    """A combination and its steps, in order."""
+
+    combo_id: str
+    combo_index: int
+    params: dict[str, Any]
+    steps: tuple[StepPlan, ...] = field(default_factory=tuple)
+    arg_style: str = "argparse"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for shipping to a worker."""
+        return asdict(self)
+
+
+def _excerpt(run_dir: Path, n: int = LOG_EXCERPT_LINES) -> str:
+    log = run_dir / "output.log"
+    try:
+        lines = log.read_text("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run the combination's uncached steps in order; one result row per step that ran.
+
+    A failed step stops the chain: later steps would read missing outputs.
+    """
+    params = plan["params"]
+    rows: list[dict[str, Any]] = []
+    upstream: str | None = None
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    for step in plan["steps"]:
+        run_dir = Path(step["run_dir"])
+        if step["cached"]:
+            upstream = str(run_dir)
+            continue
+        started = time.time()
+        result = run_trainable(
+            step["trainable"],
+            params,
+            run_dir,
+            budget=step.get("budget"),
+            upstream=upstream,
+            timeout=step.get("timeout"),
+            arg_style=plan.get("arg_style", "argparse"),  # type: ignore[arg-type]
+        )
+        rows.append(
+            {
+                "key": step["key"],
+                "combo_id": plan["combo_id"],
+                "combo_index": plan["combo_index"],
+                "step": step["name"],
+                "params": params,
+                "metrics": result.metrics,
+                "status": result.status,
+                "reason": result.reason,
+                "run_dir": str(run_dir),
+                "started_at": started,
+                "ended_at": started + result.wall_s,
+                "wall_s": result.wall_s,
+                "cpu_s": result.cpu_s,
+                "peak_rss_mb": result.peak_rss_mb,
+                "worker": worker,
+                "log_excerpt": "" if result.status == "ok" else _excerpt(run_dir),
+            }
+        )
+        if not result.ok:
+            break
+        upstream = str(run_dir)
+    return rows

@@ -1,0 +1,916 @@
+"""Sweep reports: an offline plotly dashboard, a light live status page, and PNG export.
+
+Rows are a sweep's results table as dicts (``combo_id``, ``combo_index``, ``step``, ``status``,
+``reason``, ``log_excerpt``, ``run_dir``, ``wall_s``, ``cpu_s``, ``peak_rss_mb`` and flattened
+``param:<name>`` / ``metric:<name>`` keys). Every user-supplied string is HTML-escaped, and the
+figure JSON inside ``<script>`` has ``<``, ``>``, ``&`` written as ``\\u003c`` … so a value such
+as ``</script>`` cannot end the script.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expflow_flows.errors import ExpflowError
+
+log = logging.getLogger(__name__)
+
+PARAM = "param:"
+METRIC = "metric:"
+STATUSES = ("ok", "warning", "pruned", "failed")
+GOOD = frozenset({"ok", "warning"})
+# Worst first wins when a combination has several rows (one per step).
+_SEVERITY = {"ok": 0, "warning": 1, "pruned": 2, "failed": 3}
+COLOURS = {
+    "ok": "#2e7d32",
+    "warning": "#ef6c00",
+    "failed": "#c62828",
+    "pruned": "#9e9e9e",
+}
+_OTHER_COLOUR = "#6a1b9a"
+_MAX_DISTINCT = 12  # numeric params with more values than this are binned
+_N_BINS = 8
+_MAX_CATEGORIES = 30  # categorical params keep this many labels, the rest become "(other)"
+_MAX_FACETS = 12
+_FEW_VALUES = 5  # a third param with at most this many values facets the heatmaps
+_MAX_PANELS = 24
+_REFRESH = re.compile(r"<meta\s+http-equiv=['\"]?refresh['\"]?[^>]*>", re.IGNORECASE)
+_CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+# --------------------------------------------------------------------------- escaping
+
+
+def _h(value: Any) -> str:
+    """Escape for HTML text and attributes."""
+    return html.escape(str(value), quote=True)
+
+
+def _t(value: Any) -> str:
+    """Escape for plotly text: plotly decodes ``&lt;`` ``&gt;`` ``&amp;`` but not ``&quot;``."""
+    return html.escape(str(value), quote=False)
+
+
+def _tpl(value: Any) -> str:
+    """Escape for a plotly hovertemplate, where ``%{`` would start a placeholder."""
+    return _t(value).replace("%", "&#37;")
+
+
+def _script_json(fig: Any) -> str:
+    """The figure as JSON that is safe inside ``<script>``."""
+    from plotly.io.json import to_json_plotly
+
+    # to_json_plotly already writes < > / as \u escapes; & is added so no entity survives raw.
+    return to_json_plotly(fig).replace("&", "\\u0026")
+
+
+# --------------------------------------------------------------------------- data shaping
+
+
+def _combine(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per combination: rows of the same ``combo_id`` (one per step) are merged."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        key = row.get("combo_id")
+        key = ("#row", i) if key is None else key
+        cur = merged.get(key)
+        if cur is None:
+            merged[key] = dict(row)
+            continue
+        old, new = str(cur.get("status", "")), str(row.get("status", ""))
+        worse = _SEVERITY.get(new, 4) >= _SEVERITY.get(old, 4)
+        for k, v in row.items():
+            if v is None:
+                continue
+            if k in ("status", "reason", "log_excerpt", "step") and not worse:
+                continue  # the worst step's status explains the combination
+            cur[k] = v
+    return list(merged.values())
+
+
+def _names(rows: list[dict[str, Any]], prefix: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for k in row:
+            if k.startswith(prefix):
+                seen.setdefault(k[len(prefix) :], None)
+    return list(seen)
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        return math.nan if value is None else float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return format(value, ".6g")
+    return str(value)
+
+
+def _clip(value: Any, n: int = 200) -> str:
+    text = str(value)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _status(row: Mapping[str, Any]) -> str:
+    return str(row.get("status") or "unknown")
+
+
+@dataclass
+class _Axis:
+    """A parameter as categories (for grouping) and, when numeric, raw values (for parcoords)."""
+
+    name: str
+    labels: list[str]  # raw (unescaped) labels in display order
+    codes: np.ndarray  # per row: index into labels
+    values: np.ndarray | None  # per row: float value when every value is a real number
+    binned: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+def _bin_labels(edges: list[float]) -> list[str]:
+    """Half-open interval labels, the last one closed: ``[1, 2)`` … ``[8, 9]``."""
+    for digits in (3, 6, 12):  # as short as keeps the edges apart
+        text = [format(e, f".{digits}g") for e in edges]
+        if len(set(text)) == len(text):
+            break
+    last = len(edges) - 2
+    return [
+        f"[{lo}, {hi}{']' if i == last else ')'}"
+        for i, (lo, hi) in enumerate(itertools.pairwise(text))
+    ]
+
+
+def _axis(name: str, raw: list[Any]) -> _Axis:
+    numeric = all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in raw
+    )
+    if numeric and raw:
+        vals = np.asarray(raw, dtype=float)
+        distinct = np.unique(vals)
+        if len(distinct) > _MAX_DISTINCT:
+            edges = np.unique(np.quantile(vals, np.linspace(0, 1, _N_BINS + 1)))
+            if len(edges) >= 3:
+                codes = np.searchsorted(edges[1:-1], vals, side="right")
+                labels = _bin_labels(edges.tolist())
+                return _Axis(name, labels, codes, vals, True)
+        codes = np.searchsorted(distinct, vals)
+        # Ints stay ints in the labels (32, not 32.0) when every value is integral.
+        ints = all(isinstance(v, int) for v in raw)
+        labels = [str(int(v)) if ints else _fmt(float(v)) for v in distinct]
+        return _Axis(name, labels, codes, vals, False)
+    text = [_fmt(v) for v in raw]
+    counts = Counter(text)
+    order = list(dict.fromkeys(text))  # first appearance follows the space's own order
+    if len(order) > _MAX_CATEGORIES:
+        keep = {k for k, _ in counts.most_common(_MAX_CATEGORIES - 1)}
+        order = [k for k in order if k in keep] + ["(other)"]
+    index = {k: i for i, k in enumerate(order)}
+    other = index.get("(other)", len(order) - 1)
+    codes = np.fromiter((index.get(t, other) for t in text), dtype=np.int64, count=len(text))
+    return _Axis(name, order, codes, None, False)
+
+
+def _importance(axis: _Axis, y: np.ndarray) -> float:
+    """Correlation ratio eta² of the objective on the parameter's categories (0…1)."""
+    if len(y) < 2 or axis.n < 2:
+        return 0.0
+    total = float(np.sum((y - y.mean()) ** 2))
+    if total <= 0:
+        return 0.0
+    cnt = np.bincount(axis.codes, minlength=axis.n)
+    sums = np.bincount(axis.codes, weights=y, minlength=axis.n)
+    present = cnt > 0
+    means = sums[present] / cnt[present]
+    return float(np.sum(cnt[present] * (means - y.mean()) ** 2) / total)
+
+
+def _subset(axis: _Axis, mask: np.ndarray) -> _Axis:
+    vals = axis.values[mask] if axis.values is not None else None
+    return _Axis(axis.name, axis.labels, axis.codes[mask], vals, axis.binned)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _layout(fig: Any, title: str, height: int) -> None:
+    fig.update_layout(
+        title=_t(title), height=height, template="plotly_white", margin=dict(t=70, b=50)
+    )
+
+
+def _grid(n: int, cols: int = 3) -> tuple[int, int]:
+    c = max(1, min(n, cols))
+    return math.ceil(n / c), c
+
+
+def _heatmap(
+    a: _Axis, b: _Axis, f: _Axis | None, y: np.ndarray, objective: str, maximize: bool
+) -> Any:
+    from plotly.subplots import make_subplots
+
+    if f is None:
+        facets: list[tuple[str | None, np.ndarray]] = [(None, np.ones(len(y), dtype=bool))]
+    else:
+        ranked = Counter(f.codes.tolist()).most_common(_MAX_FACETS)
+        facets = [(f.labels[k], f.codes == k) for k, _ in sorted(ranked)]
+    nr, nc = _grid(len(facets))
+    titles = [_t(f"{f.name} = {lab}") for lab, _ in facets] if f is not None else None
+    fig = make_subplots(
+        rows=nr,
+        cols=nc,
+        subplot_titles=titles,
+        shared_xaxes=True,
+        shared_yaxes=True,
+        horizontal_spacing=0.06,
+        vertical_spacing=0.12 if nr > 1 else 0.0,
+    )
+    xs, ys = [_t(x) for x in a.labels], [_t(x) for x in b.labels]
+    hover = (
+        f"{_tpl(a.name)} = %{{x}}<br>{_tpl(b.name)} = %{{y}}<br>"
+        f"mean {_tpl(objective)} = %{{z:.4g}}<br>n = %{{customdata}}<extra></extra>"
+    )
+    for i, (_lab, sel) in enumerate(facets):
+        idx = b.codes[sel] * a.n + a.codes[sel]
+        cnt = np.bincount(idx, minlength=a.n * b.n)
+        sums = np.bincount(idx, weights=y[sel], minlength=a.n * b.n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+        fig.add_heatmap(
+            x=xs,
+            y=ys,
+            z=z.reshape(b.n, a.n),
+            customdata=cnt.reshape(b.n, a.n),
+            coloraxis="coloraxis",
+            hovertemplate=hover,
+            row=i // nc + 1,
+            col=i % nc + 1,
+        )
+    fig.update_xaxes(type="category", title_text=_t(a.name))
+    fig.update_yaxes(type="category", title_text=_t(b.name))
+    fig.update_layout(
+        coloraxis=dict(
+            colorscale="Viridis",
+            reversescale=not maximize,  # the better end is always the bright one
+            colorbar=dict(title=dict(text=_t(f"mean {objective}"))),
+        )
+    )
+    title = f"mean {objective} over {a.name} × {b.name}"
+    _layout(fig, title + (f", by {f.name}" if f is not None else ""), 180 + 330 * nr)
+    return fig
+
+
+def _parcoords(axes: list[_Axis], y: np.ndarray, objective: str, maximize: bool) -> Any:
+    import plotly.graph_objects as go
+
+    dims = []
+    for ax in axes:
+        if ax.values is not None:
+            vals, label = ax.values, ax.name
+            if len(vals) and vals.min() > 0 and vals.max() >= 100 * vals.min():
+                # Spans of decades (learning rates) crowd one end of a linear axis.
+                vals, label = np.log10(vals), f"log10({ax.name})"
+            dims.append(dict(label=_t(label), values=vals))
+        else:
+            dims.append(
+                dict(
+                    label=_t(ax.name),
+                    values=ax.codes,
+                    tickvals=list(range(ax.n)),
+                    ticktext=[_t(x) for x in ax.labels],
+                    range=[-0.5, ax.n - 0.5] if ax.n == 1 else [0, ax.n - 1],
+                )
+            )
+    dims.append(dict(label=_t(objective), values=y))
+    fig = go.Figure(
+        go.Parcoords(
+            dimensions=dims,
+            line=dict(
+                color=y,
+                colorscale="Viridis",
+                reversescale=not maximize,
+                showscale=True,
+                colorbar=dict(title=dict(text=_t(objective))),
+            ),
+        )
+    )
+    _layout(fig, f"parameters and {objective}", 520)
+    fig.update_layout(margin=dict(l=80, r=80, t=100, b=40))
+    return fig
+
+
+def _marginals(axes: list[_Axis], imps: dict[str, float], y: np.ndarray, objective: str) -> Any:
+    from plotly.subplots import make_subplots
+
+    nr, nc = _grid(len(axes))
+    titles = [_t(f"{ax.name}  (η² = {imps[ax.name]:.2f})") for ax in axes]
+    fig = make_subplots(rows=nr, cols=nc, subplot_titles=titles, vertical_spacing=0.5 / nr)
+    for i, ax in enumerate(axes):
+        cnt = np.bincount(ax.codes, minlength=ax.n)
+        sums = np.bincount(ax.codes, weights=y, minlength=ax.n)
+        sq = np.bincount(ax.codes, weights=y * y, minlength=ax.n)
+        present = cnt > 0
+        mean = sums[present] / cnt[present]
+        std = np.sqrt(np.maximum(sq[present] / cnt[present] - mean**2, 0.0))
+        labels = [_t(lab) for lab, p in zip(ax.labels, present, strict=True) if p]
+        fig.add_scatter(
+            x=labels,
+            y=mean,
+            error_y=dict(type="data", array=std, visible=True),
+            customdata=cnt[present],
+            mode="lines+markers" if ax.values is not None else "markers",
+            marker_color="#1f77b4",
+            line_color="#1f77b4",
+            name=_t(ax.name),
+            showlegend=False,
+            hovertemplate=(
+                f"{_tpl(ax.name)} = %{{x}}<br>mean {_tpl(objective)} = %{{y:.4g}}"
+                "<br>n = %{customdata}<extra></extra>"
+            ),
+            row=i // nc + 1,
+            col=i % nc + 1,
+        )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(title_text=_t(objective), col=1)
+    _layout(fig, f"marginal effect on {objective} (mean ± std)", 120 + 300 * nr)
+    return fig
+
+
+def _histograms(metrics: list[tuple[str, np.ndarray]]) -> Any:
+    from plotly.subplots import make_subplots
+
+    nr, nc = _grid(len(metrics))
+    fig = make_subplots(
+        rows=nr, cols=nc, subplot_titles=[_t(m) for m, _ in metrics], vertical_spacing=0.5 / nr
+    )
+    for i, (name, vals) in enumerate(metrics):
+        fig.add_histogram(x=vals, name=_t(name), showlegend=False, row=i // nc + 1, col=i % nc + 1)
+    _layout(fig, "metric distributions (ok and warning rows)", 120 + 260 * nr)
+    return fig
+
+
+# --------------------------------------------------------------------------- HTML pieces
+
+
+_DASH_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222}"
+    "h2{margin-top:1.6em;border-bottom:1px solid #ddd}"
+    "table{border-collapse:collapse;font-size:13px}"
+    "td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}"
+    "th{background:#f5f5f5}.scroll{overflow-x:auto}.note{color:#666}"
+    ".chip{display:inline-block;width:.9em;height:.9em;border-radius:2px;"
+    "vertical-align:middle;margin-right:.4em}"
+    "nav a{margin-right:1em}"
+)
+
+
+def _chip(status: str) -> str:
+    return f"<span class='chip' style='background:{COLOURS.get(status, _OTHER_COLOUR)}'></span>"
+
+
+def _status_section(combos: list[dict[str, Any]], n_rows: int) -> str:
+    counts = Counter(_status(r) for r in combos)
+    order = [s for s in STATUSES if counts[s]] + sorted(set(counts) - set(STATUSES))
+    total = len(combos) or 1
+    body = "".join(
+        f"<tr><td>{_chip(s)}{_h(s)}</td><td>{counts[s]}</td>"
+        f"<td>{100 * counts[s] / total:.1f}%</td></tr>"
+        for s in order
+    )
+    out = [
+        "<section id='status'><h2>Status</h2>",
+        f"<p>{len(combos)} combinations ({n_rows} rows). Only ok and warning rows enter the "
+        "plots; the others are counted here.</p>",
+        f"<table><tr><th>status</th><th>count</th><th>share</th></tr>{body}</table>",
+    ]
+    steps = list(dict.fromkeys(str(r.get("step") or "") for r in combos))
+    if len(steps) > 1:
+        by = Counter((str(r.get("step") or ""), _status(r)) for r in combos)
+        head = "".join(f"<th>{_h(s)}</th>" for s in order)
+        lines = "".join(
+            f"<tr><td>{_h(st) or '—'}</td>"
+            + "".join(f"<td>{by[(st, s)]}</td>" for s in order)
+            + "</tr>"
+            for st in steps
+        )
+        out.append(f"<h3>By step</h3><table><tr><th>step</th>{head}</tr>{lines}</table>")
+    reasons = Counter(
+        (_status(r), str(r.get("reason") or "")[:200])
+        for r in combos
+        if _status(r) != "ok" and r.get("reason")
+    )
+    if reasons:
+        lines = "".join(
+            f"<tr><td>{_chip(s)}{_h(s)}</td><td>{n}</td><td>{_h(reason)}</td></tr>"
+            for (s, reason), n in reasons.most_common(10)
+        )
+        out.append(
+            "<h3>Most common reasons</h3><table><tr><th>status</th><th>count</th>"
+            f"<th>reason</th></tr>{lines}</table>"
+        )
+    out.append("</section>")
+    return "".join(out)
+
+
+def _top_table(
+    combos: list[dict[str, Any]],
+    y_all: np.ndarray,
+    good: np.ndarray,
+    objective: str | None,
+    params: list[str],
+    metrics: list[str],
+    maximize: bool,
+    top_k: int,
+) -> str:
+    head = f"<section id='top'><h2>Top {top_k}</h2>"
+    if objective is None:
+        return head + "<p class='note'>No metric recorded, so there is no ranking.</p></section>"
+    idx = np.flatnonzero(good)
+    if not len(idx):
+        return head + "<p class='note'>No ok or warning rows with a finite objective.</p></section>"
+    key = -y_all[idx] if maximize else y_all[idx]
+    best = idx[np.argsort(key, kind="stable")[:top_k]]
+    others = [m for m in metrics if m != objective]
+    cols = (
+        ["rank", "combo", "status", objective]
+        + params
+        + others
+        + ["wall_s", "peak_rss_mb", "run_dir"]
+    )
+    th = "".join(f"<th>{_h(c)}</th>" for c in cols)
+    lines = []
+    for rank, i in enumerate(best, 1):
+        r = combos[i]
+        cells = [
+            str(rank),
+            _fmt(r.get("combo_index", r.get("combo_id", ""))),
+            _status(r),
+            _fmt(r.get(METRIC + objective)),
+        ]
+        cells += [_fmt(r.get(PARAM + p, "")) for p in params]
+        cells += [_fmt(r.get(METRIC + m, "")) for m in others]
+        cells += [_fmt(r.get(k, "")) for k in ("wall_s", "peak_rss_mb", "run_dir")]
+        lines.append("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>")
+    direction = "highest" if maximize else "lowest"
+    return (
+        head + f"<p>By {direction} <b>{_h(objective)}</b>, among ok and warning rows.</p>"
+        f"<div class='scroll'><table><tr>{th}</tr>{''.join(lines)}</table></div></section>"
+    )
+
+
+class _Figures:
+    """Collects figure divs; plotly.js itself goes into the page head once."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def div(self, fig: Any) -> str:
+        self.n += 1
+        fid = f"fig{self.n}"
+        return (
+            f"<div id='{fid}' class='plotly-graph-div' style='width:100%'></div>"
+            f"<script>(function(){{var f={_script_json(fig)};"
+            f"Plotly.newPlot('{fid}',f.data,f.layout,"
+            "{responsive:true,displaylogo:false});})();</script>"
+        )
+
+
+def _section(sid: str, heading: str, content: str) -> str:
+    return f"<section id='{sid}'><h2>{_h(heading)}</h2>{content}</section>"
+
+
+def _note(text: str) -> str:
+    return f"<p class='note'>{_h(text)}</p>"
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A per-process tmp name: a reader (browser refresh) sees the old page or the new one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def write_dashboard(
+    rows: Iterable[Mapping[str, Any]],
+    path: Path,
+    *,
+    title: str,
+    objective: str | None = None,
+    maximize: bool = False,
+    top_k: int = 20,
+    facet: str | None = None,
+) -> Path:
+    """Write one self-contained (offline) plotly HTML dashboard of a sweep's rows to ``path``.
+
+    ``objective`` defaults to the first metric; ``facet`` names a param to split heatmaps by.
+    """
+    from plotly.offline import get_plotlyjs
+
+    raw_rows = list(rows)
+    combos = _combine(raw_rows)
+    params = _names(combos, PARAM)
+    metrics = _names(combos, METRIC)
+    if objective is not None and objective.startswith(METRIC):
+        objective = objective[len(METRIC) :]
+    if objective is not None and objective not in metrics:
+        raise ExpflowError(
+            f"objective {objective!r} is not a metric of this sweep; "
+            f"metrics: {', '.join(metrics) or 'none'}"
+        )
+    if facet is not None and facet.startswith(PARAM):
+        facet = facet[len(PARAM) :]
+    if facet is not None and facet not in params:
+        raise ExpflowError(
+            f"facet {facet!r} is not a parameter of this sweep; "
+            f"parameters: {', '.join(params) or 'none'}"
+        )
+    if top_k < 0:
+        raise ExpflowError(f"top_k must be >= 0, got {top_k}")
+    if objective is None and metrics:
+        objective = metrics[0]
+
+    good_status = np.array([_status(r) in GOOD for r in combos], dtype=bool)
+    y_all = np.array(
+        [_num(r.get(METRIC + objective)) if objective else math.nan for r in combos], dtype=float
+    )
+    good = good_status & np.isfinite(y_all)
+    y = y_all[good]
+
+    figs = _Figures()
+    sections: list[str] = []
+    axes_all = {p: _axis(p, [r.get(PARAM + p) for r in combos]) for p in params}
+    varied = [p for p in params if axes_all[p].n > 1]
+    axes = {p: _subset(axes_all[p], good) for p in varied}
+    imps = {p: _importance(axes[p], y) for p in varied}
+    ranked = sorted(varied, key=lambda p: -imps[p])
+
+    no_data = None
+    if objective is None:
+        no_data = "No metric was recorded, so there is nothing to plot."
+    elif not good.any():
+        no_data = (
+            f"No ok or warning rows with a finite {objective}; "
+            "the status counts above say what happened."
+        )
+
+    obj = objective or ""  # only used below when there is data, i.e. an objective
+
+    # Heatmaps over pairs of the most important params.
+    if no_data:
+        content = _note(no_data)
+    elif len(varied) < 2:
+        only = f" (only {varied[0]} varies)" if varied else ""
+        content = _note(f"Heatmaps need at least two varied parameters{only}.")
+    else:
+        fparam = facet
+        if fparam is None and len(ranked) >= 3 and axes[ranked[2]].n <= _FEW_VALUES:
+            fparam = ranked[2]
+        if fparam is not None and axes_all[fparam].n < 2:
+            fparam = None  # a constant facet would only repeat the plain heatmap
+        pair_params = [p for p in ranked if p != fparam][:3]
+        fax = axes[fparam] if fparam is not None else None
+        parts = []
+        if len(pair_params) < 2:
+            parts.append(_note(f"Only one parameter varies besides the facet {fparam}."))
+        for a, b in itertools.combinations(pair_params, 2):
+            parts.append(figs.div(_heatmap(axes[a], axes[b], fax, y, obj, maximize)))
+        if fax is not None and fax.n > _MAX_FACETS:
+            parts.append(_note(f"Facets show the {_MAX_FACETS} most frequent values of {fparam}."))
+        content = "".join(parts)
+    sections.append(_section("heatmaps", "Heatmaps", content))
+
+    # Parallel coordinates.
+    if no_data:
+        content = _note(no_data)
+    elif not varied:
+        content = _note("No parameter varies; there is nothing to relate the objective to.")
+    else:
+        content = figs.div(_parcoords([axes[p] for p in ranked[:12]], y, obj, maximize))
+    sections.append(_section("parallel", "Parallel coordinates", content))
+
+    # Marginal effects.
+    if no_data:
+        content = _note(no_data)
+    elif not varied:
+        content = _note("No parameter varies.")
+    else:
+        content = figs.div(
+            _marginals([axes[p] for p in ranked[:_MAX_PANELS]], imps, y, obj)
+        ) + _note(
+            "η² is the share of the objective's variance explained by the parameter's values "
+            f"(continuous parameters in up to {_N_BINS} quantile bins)."
+        )
+    sections.append(_section("marginals", "Marginal effects", content))
+
+    # Metric distributions.
+    dists = []
+    for m in metrics[:_MAX_PANELS]:
+        vals = np.array(
+            [_num(r.get(METRIC + m)) for r, g in zip(combos, good_status, strict=True) if g]
+        )
+        vals = vals[np.isfinite(vals)] if len(vals) else vals
+        if len(vals):
+            dists.append((m, vals))
+    if dists:
+        content = figs.div(_histograms(dists))
+    elif metrics:
+        content = _note("No ok or warning rows with finite metric values.")
+    else:
+        content = _note("No metric was recorded.")
+    sections.append(_section("metrics", "Metric distributions", content))
+
+    top = _top_table(combos, y_all, good, objective, params, metrics, maximize, top_k)
+    summary = (
+        f"{len(combos)} combinations, {int(good.sum())} with an ok/warning objective. "
+        + (
+            f"Objective <b>{_h(objective)}</b> ({'maximize' if maximize else 'minimize'}). "
+            if objective
+            else ""
+        )
+        + ("Parameters by importance: " + ", ".join(_h(p) for p in ranked) + ". " if ranked else "")
+        + f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
+    )
+    nav = "".join(
+        f"<a href='#{sid}'>{name}</a>"
+        for sid, name in (
+            ("status", "Status"),
+            ("top", "Top"),
+            ("heatmaps", "Heatmaps"),
+            ("parallel", "Parallel coordinates"),
+            ("marginals", "Marginal effects"),
+            ("metrics", "Metrics"),
+        )
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{_h(title)}</title><style>{_DASH_CSS}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+        f"</head><body><h1>{_h(title)}</h1><p>{summary}</p><nav>{nav}</nav>"
+        + _status_section(combos, len(raw_rows))
+        + top
+        + "".join(sections)
+        + "</body></html>"
+    )
+    return _atomic_write(path, page)
+
+
+_STATUS_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222}"
+    ".bar{height:10px;background:#eee;border-radius:5px;overflow:hidden;max-width:40em}"
+    ".bar>div{height:100%;background:#2e7d32}"
+    "#grid{display:grid;grid-template-columns:repeat(auto-fill,14px);gap:2px;margin-top:1em}"
+    "#grid>*{width:14px;height:14px}#grid i{outline:1px solid #ccc;outline-offset:-1px}"
+    "details>summary{list-style:none;width:14px;height:14px;cursor:pointer;border-radius:2px}"
+    "details>summary::-webkit-details-marker{display:none}"
+    "details[open]{grid-column:1/-1;width:auto!important;height:auto!important;"
+    "border:1px solid #999;padding:4px 8px;background:#fafafa}"
+    "details p{margin:.3em 0;font-size:13px}"
+    "pre{white-space:pre-wrap;font-size:12px;max-height:20em;overflow:auto;margin:.3em 0}"
+    + "".join(f".{s[0]}>summary{{background:{c}}}" for s, c in COLOURS.items())
+    + f".x>summary{{background:{_OTHER_COLOUR}}}"
+    + ".chip{display:inline-block;width:.9em;height:.9em;border-radius:2px;"
+    "vertical-align:middle;margin:0 .3em 0 1em}"
+)
+# Log excerpts are the bulk of the page: cap each one and the page's total.
+_EXCERPT_CAP = {"failed": 2000, "warning": 1000, "pruned": 500}
+_EXCERPT_CAP_OTHER = 300
+_EXCERPT_BUDGET = 2_500_000
+
+
+def _order(row: Mapping[str, Any]) -> tuple[bool, float, str]:
+    # NaN keys would make the sort order arbitrary; rows without an index go last.
+    idx = _num(row.get("combo_index"))
+    return (math.isnan(idx), 0.0 if math.isnan(idx) else idx, str(row.get("combo_id")))
+
+
+def write_status_page(
+    rows: Iterable[Mapping[str, Any]],
+    path: Path,
+    *,
+    title: str,
+    total: int | None = None,
+    refresh_s: int | None = 5,
+) -> Path:
+    """Write a light, plotly-free live status page: done/total, counts, one cell per combination.
+
+    The page reloads itself every ``refresh_s`` seconds; pass ``None`` once the sweep is finished.
+    """
+    combos = _combine(rows)
+    combos.sort(key=_order)
+    counts = Counter(_status(r) for r in combos)
+    done = len(combos)
+    pending = max(0, total - done) if total is not None else 0
+    order = [s for s in STATUSES if counts[s]] + sorted(set(counts) - set(STATUSES))
+
+    # Spend the excerpt budget (counted escaped, as written) on the most severe rows first.
+    budget = _EXCERPT_BUDGET
+    excerpts: dict[int, str] = {}
+    for i in sorted(range(done), key=lambda j: -_SEVERITY.get(_status(combos[j]), 4)):
+        text = str(combos[i].get("log_excerpt") or "")
+        if not text:
+            continue
+        cap = _EXCERPT_CAP.get(_status(combos[i]), _EXCERPT_CAP_OTHER)
+        # Keep the tail: the end of a log is where the error is.
+        tail = _h(text[-cap:])
+        if len(tail) > budget:
+            tail = ""
+        budget -= len(tail)
+        cut = "" if tail and len(text) <= cap else "\n… (cut; see the run folder)"
+        excerpts[i] = tail + _h(cut)
+
+    cells = []
+    for i, r in enumerate(combos):
+        st = _status(r)
+        cls = st[0] if st in COLOURS else "x"
+        idx = r.get("combo_index", i)
+        params = " · ".join(
+            f"{_h(_clip(k[len(PARAM) :]))}={_h(_clip(_fmt(v)))}"
+            for k, v in r.items()
+            if k.startswith(PARAM)
+        )
+        parts = [
+            f"<details class={cls}><summary title='#{_h(idx)} {_h(st)}'></summary>",
+            f"<p><b>#{_h(idx)}</b> {_h(st)}"
+            + (f" at {_h(r['step'])}" if r.get("step") else "")
+            + (f" · {_h(r['combo_id'])}" if r.get("combo_id") is not None else "")
+            + "</p>",
+        ]
+        if params:
+            parts.append(f"<p>{params}</p>")
+        if r.get("reason"):
+            parts.append(f"<p>{_h(_clip(r['reason'], 1000))}</p>")
+        if r.get("run_dir"):
+            parts.append(f"<p>{_h(_clip(r['run_dir'], 500))}</p>")
+        if i in excerpts:
+            parts.append(f"<pre>{excerpts[i]}</pre>")
+        parts.append("</details>")
+        cells.append("".join(parts))
+    cells.append("<i></i>" * pending)
+
+    shown = f"{done} / {total}" if total is not None else str(done)
+    frac = min(1.0, done / total) if total else 1.0
+    legend = "".join(
+        f"<span class='chip' style='background:{COLOURS.get(s, _OTHER_COLOUR)}'></span>"
+        f"{_h(s)} {counts[s]}"
+        for s in order
+    )
+    state = (
+        f"running; this page reloads every {int(refresh_s)} s"
+        if refresh_s is not None
+        else "finished"
+    )
+    refresh = (
+        f"<meta http-equiv='refresh' content='{int(refresh_s)}'>" if refresh_s is not None else ""
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'>{refresh}"
+        f"<title>{_h(title)}</title><style>{_STATUS_CSS}</style></head><body>"
+        f"<h1>{_h(title)}</h1>"
+        f"<p id='summary'><b id='done'>{shown}</b> done ({state}).{legend}</p>"
+        f"<div class='bar'><div style='width:{100 * frac:.1f}%'></div></div>"
+        f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. "
+        "Click a cell for its parameters, reason and log excerpt.</p>"
+        f"<div id='grid'>{''.join(cells)}</div></body></html>"
+    )
+    return _atomic_write(path, page)
+
+
+def find_chromium() -> str | None:
+    """The path of a Chromium/Chrome executable on PATH, or None."""
+    for name in _CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def chromium_command(chromium: str, user_data_dir: str, *extra: str) -> list[str]:
+    """A headless Chromium command line that stays offline and leaves no profile behind."""
+    return [
+        chromium,
+        "--headless",
+        "--no-sandbox",  # containers run as root, where the sandbox refuses to start
+        "--disable-gpu",
+        "--disable-dev-shm-usage",  # small /dev/shm in containers crashes the renderer
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        # Software WebGL, so parallel coordinates (WebGL) render without a GPU.
+        "--enable-unsafe-swiftshader",
+        f"--user-data-dir={user_data_dir}",
+        *extra,
+    ]
+
+
+def export_png(
+    html_or_fig: Any,
+    path: Path,
+    *,
+    window_size: tuple[int, int] = (1400, 1000),
+    timeout_s: float = 90.0,
+) -> Path | None:
+    """Screenshot an HTML file, HTML text or plotly figure to a PNG with headless Chromium.
+
+    Returns None, with a logged warning saying why, when no Chromium is on PATH or it fails.
+    """
+    chromium = find_chromium()
+    if chromium is None:
+        log.warning(
+            "export_png: no PNG written, no chromium on PATH (looked for %s)",
+            ", ".join(_CHROMIUM_NAMES),
+        )
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="expflow-png-") as tmp:
+        if isinstance(html_or_fig, Path) or (
+            isinstance(html_or_fig, str) and not html_or_fig.lstrip().startswith("<")
+        ):
+            src = Path(html_or_fig).resolve()
+            if not src.is_file():
+                raise ExpflowError(f"export_png: {src} is not an HTML file")
+            text = src.read_text(encoding="utf-8", errors="replace")
+            if _REFRESH.search(text):
+                # A self-reloading page never lets the virtual time budget run out; shoot a
+                # copy without the reload, with <base> so relative links still resolve.
+                base = f"<base href='{_h(src.parent.as_uri())}/'>"
+                src = Path(tmp) / "page.html"
+                src.write_text(_REFRESH.sub(base, text, count=1), encoding="utf-8")
+        else:
+            src = Path(tmp) / "page.html"
+            if isinstance(html_or_fig, str):
+                text = html_or_fig
+            else:
+                import plotly.io as pio
+
+                text = pio.to_html(html_or_fig, include_plotlyjs=True, full_html=True)
+            src.write_text(text, encoding="utf-8")
+        shot = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+        cmd = chromium_command(
+            chromium,
+            str(Path(tmp) / "profile"),
+            f"--screenshot={shot}",
+            f"--window-size={window_size[0]},{window_size[1]}",
+            "--virtual-time-budget=5000",  # let plotly draw before the shot
+            src.as_uri(),
+        )
+        # Own session, so a timeout can end Chromium's helper processes along with it.
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            shot.unlink(missing_ok=True)
+            log.warning("export_png: no PNG written, chromium ran past %.0f s", timeout_s)
+            return None
+        if proc.returncode != 0 or not shot.is_file() or shot.stat().st_size == 0:
+            shot.unlink(missing_ok=True)
+            tail = (err or "").strip().splitlines()[-1:] or ["no output"]
+            log.warning(
+                "export_png: no PNG written, chromium exited %s: %s", proc.returncode, tail[0]
+            )
+            return None
+        shot.replace(path)
+    return path

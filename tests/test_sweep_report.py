@@ -1,0 +1,513 @@
+"""Sweep reports: dashboard sections, escaping, the live status page, and a headless-Chromium
+check that both pages load without JavaScript errors and render what they should."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import re
+import select
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from expflow_flows.errors import ExpflowError
+from expflow_flows.sweep.report import (
+    chromium_command,
+    export_png,
+    find_chromium,
+    write_dashboard,
+    write_status_page,
+)
+
+EVIL_SCRIPT = "<script>window.__xss=1;alert(1)</script>"
+EVIL_IMG = "</script><img src=x onerror=window.__xss=2>"
+RAW_EVIL = ("<script>window.__xss", "</script><img", "<img src=x")
+
+
+def make_rows(n: int = 60, *, seed: int = 0, evil: bool = False) -> list[dict[str, Any]]:
+    """Synthetic sweep rows: 3 params (log-continuous, int, categorical), 2 metrics, all statuses."""
+    rng = random.Random(seed)
+    opts = ["adam", "sgd", EVIL_SCRIPT] if evil else ["adam", "sgd"]
+    rows = []
+    for i in range(n):
+        lr = 10 ** rng.uniform(-4, -1)
+        bs = rng.choice([16, 32, 64])
+        opt = opts[i % len(opts)]
+        loss = (math.log10(lr) + 2.5) ** 2 + bs / 100 + (0.3 if opt == "sgd" else 0.0)
+        loss += rng.gauss(0, 0.05)
+        status = "ok"
+        if i % 17 == 5:
+            status = "failed"
+        elif i % 13 == 3:
+            status = "warning"
+        elif i % 11 == 7:
+            status = "pruned"
+        reason = "" if status == "ok" else f"{status}: something happened"
+        if evil and status != "ok":
+            reason = EVIL_IMG
+        rows.append(
+            {
+                "combo_id": f"c{i:05d}",
+                "combo_index": i,
+                "step": "train",
+                "status": status,
+                "reason": reason,
+                "log_excerpt": (EVIL_IMG if evil else "")
+                + f"epoch 1\nepoch 2 of combo {i}\nTraceback (most recent call last)"
+                if status != "ok"
+                else "",
+                "run_dir": f"/tmp/runs/c{i:05d}",
+                "wall_s": rng.uniform(1, 5),
+                "cpu_s": 1.0,
+                "peak_rss_mb": 100.0,
+                "param:lr": lr,
+                "param:batch_size": bs,
+                "param:optimizer": opt,
+                "metric:loss": None if status == "failed" else loss,
+                "metric:acc": None if status == "failed" else 1 - loss / 10,
+            }
+        )
+    return rows
+
+
+def _sections(page: str) -> set[str]:
+    return set(re.findall(r"<section id='([a-z]+)'>", page))
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+def test_dashboard_has_every_section(tmp_path: Path) -> None:
+    path = write_dashboard(make_rows(), tmp_path / "d.html", title="sweep one", top_k=5)
+    page = path.read_text()
+    assert _sections(page) == {"status", "top", "heatmaps", "parallel", "marginals", "metrics"}
+    assert page.count("Plotly.newPlot(") == 4  # heatmap (faceted), parcoords, marginals, hists
+    assert page.count("class='plotly-graph-div'") == 4
+    # plotly.js inlined exactly once, no CDN.
+    assert page.count("<script type='text/javascript'>") == 1
+    assert "<script src" not in page
+    assert "\\\\u003c" not in page  # no double-escaped JSON
+    # First metric is the default objective; the facet is the 3rd param (3 values).
+    assert "Objective <b>loss</b> (minimize)" in page
+    assert "by batch_size" in page or "by optimizer" in page
+    # Top-k table: 5 ranked rows, none of them failed/pruned.
+    top = page.split("<section id='top'>")[1].split("</section>")[0]
+    assert top.count("<tr>") == 6
+    assert "failed" not in top and "pruned" not in top
+    # Status counts count every row, including the ones left out of the plots.
+    status = page.split("<section id='status'>")[1].split("</section>")[0]
+    assert "<td>failed</td><td>4</td>" in status.replace(
+        "<span class='chip' style='background:#c62828'></span>", ""
+    )
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write left no tmp behind
+
+
+def test_dashboard_top_k_respects_direction(tmp_path: Path) -> None:
+    rows = make_rows()
+    page = write_dashboard(
+        rows, tmp_path / "d.html", title="t", objective="metric:acc", maximize=True, top_k=1
+    ).read_text()
+    best = max((r for r in rows if r["status"] in ("ok", "warning")), key=lambda r: r["metric:acc"])
+    top = page.split("<section id='top'>")[1]
+    assert f"<td>1</td><td>{best['combo_index']}</td>" in top
+    assert "highest <b>acc</b>" in top
+
+
+def test_dashboard_explicit_facet_and_bad_names(tmp_path: Path) -> None:
+    page = write_dashboard(
+        make_rows(), tmp_path / "d.html", title="t", facet="optimizer"
+    ).read_text()
+    assert "by optimizer" in page
+    with pytest.raises(ExpflowError, match="objective 'nope'.*loss, acc"):
+        write_dashboard(make_rows(), tmp_path / "x.html", title="t", objective="nope")
+    with pytest.raises(ExpflowError, match="facet 'nope'.*lr, batch_size, optimizer"):
+        write_dashboard(make_rows(), tmp_path / "x.html", title="t", facet="nope")
+
+
+def test_dashboard_degrades_gracefully(tmp_path: Path) -> None:
+    # One categorical param only: no heatmap, but parcoords, marginals and histograms.
+    rows = [
+        {"combo_id": str(i), "combo_index": i, "status": "ok", "param:opt": o, "metric:m": i}
+        for i, o in enumerate(["a", "b", "c", "a", "b", "c"])
+    ]
+    page = write_dashboard(rows, tmp_path / "one.html", title="t").read_text()
+    assert "Heatmaps need at least two varied parameters (only opt varies)" in page
+    assert page.count("Plotly.newPlot(") == 3
+
+    # No ok rows at all: the page says so, and still counts them.
+    failed = [dict(r, status="failed", **{"metric:m": None}) for r in make_rows(10)]
+    page = write_dashboard(failed, tmp_path / "none.html", title="t").read_text()
+    assert "No ok or warning rows with a finite loss" in page
+    assert "Plotly.newPlot(" not in page
+    assert "<td>10</td><td>100.0%</td>" in page
+
+    # No metrics at all; no rows at all.
+    bare = [{"combo_id": "a", "combo_index": 0, "status": "ok", "param:x": 1}]
+    page = write_dashboard(bare, tmp_path / "bare.html", title="t").read_text()
+    assert "No metric was recorded" in page
+    page = write_dashboard([], tmp_path / "empty.html", title="t").read_text()
+    assert "0 combinations" in page
+
+
+def test_dashboard_merges_steps_of_one_combination(tmp_path: Path) -> None:
+    rows = [
+        {"combo_id": "a", "combo_index": 0, "step": "train", "status": "ok", "param:x": 1,
+         "metric:train_loss": 0.5},
+        {"combo_id": "a", "combo_index": 0, "step": "eval", "status": "failed", "param:x": 1,
+         "reason": "eval crashed"},
+        {"combo_id": "b", "combo_index": 1, "step": "train", "status": "ok", "param:x": 2,
+         "metric:train_loss": 0.4},
+    ]  # fmt: skip
+    page = write_dashboard(rows, tmp_path / "d.html", title="t").read_text()
+    assert "2 combinations (3 rows)" in page
+    assert "eval crashed" in page
+
+
+def test_dashboard_10k_rows(tmp_path: Path) -> None:
+    path = write_dashboard(make_rows(10_000), tmp_path / "big.html", title="big", top_k=20)
+    page = path.read_text()
+    assert page.count("Plotly.newPlot(") == 4
+    assert path.stat().st_size < 20_000_000
+
+
+# --------------------------------------------------------------------------- escaping
+
+
+def test_nothing_user_supplied_is_unescaped(tmp_path: Path) -> None:
+    rows = make_rows(40, evil=True)
+    for r in rows[:3]:
+        r["param:" + EVIL_IMG] = r["combo_index"] % 2
+        r["metric:" + EVIL_SCRIPT] = 1.0
+        r["run_dir"] = EVIL_IMG
+    title = EVIL_SCRIPT + EVIL_IMG
+    dash = write_dashboard(rows, tmp_path / "d.html", title=title).read_text()
+    status = write_status_page(rows, tmp_path / "s.html", title=title, total=50).read_text()
+    for page in (dash, status):
+        for raw in RAW_EVIL:
+            assert raw not in page
+        assert "&lt;script&gt;window.__xss=1" in page
+    # Inside the figure JSON, < > & are \u escapes, so nothing can close the <script>.
+    scripts = re.findall(r"<script>\(function\(\)\{var f=(.*?);Plotly", dash)
+    assert scripts
+    for js in scripts:
+        assert "<" not in js and ">" not in js and "&" not in js
+        fig = json.loads(js)
+        assert fig["data"]
+
+
+# --------------------------------------------------------------------------- status page
+
+
+def test_status_page_running_and_finished(tmp_path: Path) -> None:
+    rows = make_rows(60)
+    page = write_status_page(rows, tmp_path / "s.html", title="live", total=100).read_text()
+    assert "<meta http-equiv='refresh' content='5'>" in page
+    assert "<b id='done'>60 / 100</b>" in page
+    assert "running" in page
+    assert page.count("<details ") == 60
+    assert page.count("<i></i>") == 40  # pending combinations
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "warning", "failed", "pruned")}
+    for status, cls in (("ok", "o"), ("warning", "w"), ("failed", "f"), ("pruned", "p")):
+        assert page.count(f"<details class={cls}>") == counts[status]
+        assert f"{status} {counts[status]}" in page
+    assert ".o>summary{background:#2e7d32}" in page
+    assert ".w>summary{background:#ef6c00}" in page
+    assert ".f>summary{background:#c62828}" in page
+    assert ".p>summary{background:#9e9e9e}" in page
+    assert "failed: something happened" in page and "Traceback" in page
+    assert "lr=" in page and "optimizer=adam" in page
+
+    page = write_status_page(rows, tmp_path / "s.html", title="live", refresh_s=None).read_text()
+    assert "http-equiv" not in page
+    assert "finished" in page
+    assert "<b id='done'>60</b>" in page
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_status_page_10k_rows_is_compact(tmp_path: Path) -> None:
+    rows = make_rows(10_000)
+    for r in rows:
+        if r["status"] != "ok":
+            r["log_excerpt"] = "<x>" * 10_000  # huge logs are cut to a tail; < grows when escaped
+    path = write_status_page(rows, tmp_path / "s.html", title="big", total=10_000)
+    assert path.stat().st_size < 5_000_000
+    assert path.read_text().count("<details ") == 10_000
+
+
+# --------------------------------------------------------------------------- headless Chromium
+
+CHROMIUM = find_chromium()
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH (scripts/ensure-chromium.sh installs it; needs root and apt)",
+)
+
+
+class _Cdp:
+    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (stdlib only)."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.events: list[dict[str, Any]] = []
+        self.buf = b""
+        self.next_id = 0
+        self.profile = tempfile.TemporaryDirectory(prefix="expflow-cdp-")
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        # Chromium reads commands on fd 3 and answers on fd 4; bash puts our pipe ends there
+        # (moved above 9 first, so the redirections cannot clobber each other).
+        a = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
+        b = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        cmd = chromium_command(
+            str(CHROMIUM),
+            self.profile.name,
+            "--remote-debugging-pipe",
+            "--window-size=1400,1000",
+            "about:blank",
+        )
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec 3<&{a} 4>&{b} {a}<&- {b}>&-; exec "$@"', "cdp", *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(a, b),
+        )
+        os.close(a)
+        os.close(b)
+        self.w, self.r = to_child_w, from_child_r
+        try:
+            target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            attached = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})
+            self.session = attached["sessionId"]
+            for domain in ("Runtime", "Log", "Page"):
+                self.call(f"{domain}.enable", session=True)
+        except BaseException:
+            self.close()  # never leave a browser behind
+            raise
+
+    def _read(self) -> dict[str, Any]:
+        while b"\0" not in self.buf:
+            left = self.deadline - time.monotonic()
+            if left <= 0 or not select.select([self.r], [], [], left)[0]:
+                raise TimeoutError("chromium did not answer in time")
+            chunk = os.read(self.r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium closed the debugging pipe")
+            self.buf += chunk
+        msg, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, session: bool = False
+    ) -> dict[str, Any]:
+        self.next_id += 1
+        msg: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = self.session
+        os.write(self.w, json.dumps(msg).encode() + b"\0")
+        while True:
+            reply = self._read()
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_event(self, method: str) -> dict[str, Any]:
+        for ev in self.events:
+            if ev.get("method") == method:
+                return ev
+        while True:
+            ev = self._read()
+            self.events.append(ev)
+            if ev.get("method") == method:
+                return ev
+
+    def evaluate(self, expression: str) -> Any:
+        res = self.call(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            session=True,
+        )
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"evaluate failed: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def errors(self) -> list[str]:
+        """Uncaught exceptions, console.error/assert calls and error log entries so far."""
+        out = []
+        for ev in self.events:
+            method, p = ev.get("method"), ev.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                d = p["exceptionDetails"]
+                out.append(f"uncaught: {d.get('exception', {}).get('description') or d['text']}")
+            elif method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
+                out.append(f"console.{p['type']}: {[a.get('value') for a in p['args']]}")
+            elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
+                out.append(f"log: {p['entry']['text']}")
+        return out
+
+    def close(self) -> None:
+        try:
+            os.write(self.w, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        finally:
+            os.close(self.w)
+            os.close(self.r)
+            self.profile.cleanup()
+
+
+@pytest.fixture
+def browser():
+    cdp = _Cdp()
+    try:
+        yield cdp
+    finally:
+        cdp.close()
+
+
+def _load(cdp: _Cdp, path: Path, ready_js: str) -> None:
+    cdp.call("Page.navigate", {"url": path.resolve().as_uri()}, session=True)
+    cdp.wait_event("Page.loadEventFired")
+    while not cdp.evaluate(ready_js):
+        if time.monotonic() > cdp.deadline:
+            raise TimeoutError(f"page never became ready: {ready_js}")
+        time.sleep(0.1)
+    time.sleep(0.5)  # let late animation-frame work (WebGL parcoords) throw, if it would
+    cdp.evaluate("1")  # drain events that arrived meanwhile
+
+
+@needs_chromium
+def test_cdp_client_sees_errors(browser: _Cdp, tmp_path: Path) -> None:
+    """The harness itself: a page with a console.error and a throw is reported as broken."""
+    bad = tmp_path / "bad.html"
+    bad.write_text("<p id=x>hi</p><script>console.error('boom');undefinedFn()</script>")
+    _load(browser, bad, "!!document.getElementById('x')")
+    errors = browser.errors()
+    assert any("boom" in e for e in errors)
+    assert any("undefinedFn" in e for e in errors)
+
+
+@needs_chromium
+def test_dashboard_renders_in_chromium_without_js_errors(browser: _Cdp, tmp_path: Path) -> None:
+    rows = make_rows(300, evil=True)
+    path = write_dashboard(rows, tmp_path / "d.html", title=EVIL_SCRIPT + EVIL_IMG)
+    n_figs = path.read_text().count("class='plotly-graph-div'")
+    assert n_figs == 4
+    ready = (
+        "document.querySelectorAll('.plotly-graph-div .main-svg').length >= 8 && "
+        "document.querySelectorAll('.plotly-graph-div.js-plotly-plot').length == "
+        f"{n_figs}"
+    )
+    _load(browser, path, ready)
+    assert browser.errors() == []
+    dom = browser.evaluate(
+        """(() => {
+        const q = s => document.querySelectorAll(s).length;
+        const svgText = Array.from(document.querySelectorAll('.main-svg'))
+            .map(s => s.textContent).join('\\n');
+        return {
+            title: document.title,
+            xss: window.__xss === undefined ? null : window.__xss,
+            imgs: q('img'),
+            sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
+            plots: q('.plotly-graph-div.js-plotly-plot'),
+            heatmaps: q('.plotly-graph-div .heatmaplayer image'),
+            parcoords: q('.plotly-graph-div .parcoords .axis-title'),
+            glCanvas: q('.plotly-graph-div .gl-container canvas'),
+            bars: q('.plotly-graph-div .bars .point'),
+            markers: q('.plotly-graph-div .scatterlayer .point'),
+            topRows: q('#top table tr'),
+            statusRows: q('#status table tr'),
+            svgText: svgText,
+            tableText: document.querySelector('#top table').textContent,
+        };
+    })()"""
+    )
+    assert dom["xss"] is None and dom["imgs"] == 0  # no injected script or element ran
+    assert dom["title"] == EVIL_SCRIPT + EVIL_IMG  # shown literally, not interpreted
+    assert dom["sections"] == ["status", "top", "heatmaps", "parallel", "marginals", "metrics"]
+    assert dom["plots"] == n_figs
+    assert dom["heatmaps"] >= 2  # one heatmap per facet value
+    assert dom["parcoords"] == 4  # lr, batch_size, optimizer, loss
+    assert dom["glCanvas"] >= 1
+    assert dom["bars"] > 0 and dom["markers"] > 0
+    assert dom["topRows"] == 21 and dom["statusRows"] >= 5
+    # Escaped text round-trips: plotly decodes the entities and shows the literal value.
+    assert EVIL_SCRIPT in dom["svgText"] and EVIL_SCRIPT in dom["tableText"]
+
+
+@needs_chromium
+def test_status_page_renders_in_chromium_without_js_errors(browser: _Cdp, tmp_path: Path) -> None:
+    rows = make_rows(200, evil=True)
+    path = write_status_page(rows, tmp_path / "s.html", title=EVIL_IMG, total=250, refresh_s=60)
+    _load(browser, path, "document.readyState === 'complete'")
+    assert browser.errors() == []
+    dom = browser.evaluate(
+        """(() => {
+        const cells = Array.from(document.querySelectorAll('#grid details'));
+        const colour = c => getComputedStyle(c.querySelector('summary')).backgroundColor;
+        const byClass = {};
+        for (const c of cells) byClass[c.className] = colour(c);
+        return {
+            xss: window.__xss === undefined ? null : window.__xss,
+            imgs: document.querySelectorAll('img').length,
+            title: document.title,
+            refresh: document.querySelector('meta[http-equiv=refresh]').content,
+            cells: cells.length,
+            pending: document.querySelectorAll('#grid i').length,
+            colours: byClass,
+            done: document.getElementById('done').textContent,
+            firstFailed: document.querySelector('#grid details.f').textContent,
+        };
+    })()"""
+    )
+    assert dom["xss"] is None and dom["imgs"] == 0
+    assert dom["title"] == EVIL_IMG
+    assert dom["refresh"] == "60"
+    assert dom["cells"] == 200 and dom["pending"] == 50
+    assert dom["done"] == "200 / 250"
+    assert dom["colours"] == {
+        "o": "rgb(46, 125, 50)",
+        "w": "rgb(239, 108, 0)",
+        "f": "rgb(198, 40, 40)",
+        "p": "rgb(158, 158, 158)",
+    }
+    assert EVIL_IMG in dom["firstFailed"] and "Traceback" in dom["firstFailed"]
+
+
+@needs_chromium
+def test_export_png(tmp_path: Path) -> None:
+    dash = write_dashboard(make_rows(), tmp_path / "d.html", title="png")
+    out = export_png(dash, tmp_path / "d.png")
+    assert out == tmp_path / "d.png"
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    import plotly.graph_objects as go
+
+    fig_png = export_png(go.Figure(go.Bar(y=[1, 3, 2])), tmp_path / "fig.png")
+    assert fig_png is not None and fig_png.read_bytes().startswith(b"\x89PNG")
+    # A self-refreshing status page must not hang the screenshot.
+    live = write_status_page(make_rows(), tmp_path / "s.html", title="live", refresh_s=1)
+    assert export_png(live, tmp_path / "s.png", timeout_s=60) is not None
+
+
+def test_export_png_without_chromium(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
+    dash = write_dashboard(make_rows(20), tmp_path / "d.html", title="t")
+    assert export_png(dash, tmp_path / "d.png") is None
+    assert "no chromium on PATH" in caplog.text
+    assert not (tmp_path / "d.png").exists()
