@@ -11,6 +11,7 @@ folder, linked from artifacts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -35,7 +36,13 @@ from expflow_flows.flows.ledger_hooks import hooks_for, record_outputs
 from expflow_flows.home import runs_root
 from expflow_flows.metadata import capture_environment
 from expflow_flows.sweep.config import SweepConfig, build_sweep_config
-from expflow_flows.sweep.execute import ComboPlan, StepPlan, run_combination
+from expflow_flows.sweep.execute import (
+    ComboPlan,
+    StepPlan,
+    batch_size,
+    failed_row,
+    run_batch,
+)
 from expflow_flows.sweep.identity import cache_key, file_checksum, trainable_fingerprint
 from expflow_flows.sweep.report import write_dashboard, write_status_page
 from expflow_flows.sweep.results import SweepResults
@@ -45,6 +52,7 @@ from expflow_flows.trainable import Trainable
 
 PLAN_BATCH = 5000
 MAX_CHUNKS = 50
+MIN_CHUNK = 200
 _CLIENTS: dict[str, Any] = {}
 
 
@@ -122,27 +130,6 @@ def plan_combinations(
     return pending, total, current
 
 
-def _failed_row(plan: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The row for a combination whose Dask task itself failed (e.g. its worker kept dying)."""
-    step = next(s for s in plan["steps"] if not s["cached"])
-    now = time.time()
-    return {
-        "key": step["key"],
-        "combo_id": plan["combo_id"],
-        "combo_index": plan["combo_index"],
-        "step": step["name"],
-        "params": plan["params"],
-        "metrics": {},
-        "status": "failed",
-        "reason": reason,
-        "run_dir": step["run_dir"],
-        "started_at": now,
-        "ended_at": now,
-        "wall_s": 0.0,
-        "log_excerpt": "",
-    }
-
-
 @task(name="chunk", task_run_name="chunk-{index}", cache_policy=NO_CACHE, log_prints=False)
 def run_chunk(
     index: int,
@@ -157,25 +144,30 @@ def run_chunk(
 
     client = _CLIENTS[client_token]
     store = ResultStore(Path(store_path))
-    keys = [f"combo-{p['combo_id']}-{uuid.uuid4().hex[:8]}" for p in plans]
-    by_key = dict(zip(keys, plans, strict=True))
+    workers = max(1, len(client.scheduler_info().get("workers", {})))
+    size = batch_size(len(plans), workers)
+    batches = [plans[i : i + size] for i in range(0, len(plans), size)]
+    keys = [f"batch-{index}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(batches))]
+    by_key = dict(zip(keys, batches, strict=True))
     futures = client.map(
-        run_combination, plans, key=keys, pure=False, retries=retries, resources=resources or None
+        run_batch, batches, key=keys, pure=False, retries=retries, resources=resources or None
     )
     counts = {"ok": 0, "warning": 0, "pruned": 0, "failed": 0}
     buffer: list[dict[str, Any]] = []
     flushed = time.monotonic()
     for future in as_completed(futures):
-        plan = by_key[future.key]
         try:
             rows = future.result()
-        except Exception as exc:  # noqa: BLE001 - a lost worker or task error fails one combination
-            rows = [_failed_row(plan, f"{type(exc).__name__}: {exc}")]
+        except Exception as exc:  # noqa: BLE001 - a lost worker or task error fails its combinations
+            rows = [failed_row(p, f"{type(exc).__name__}: {exc}") for p in by_key[future.key]]
         future.release()
-        if rows:
-            counts[rows[-1]["status"]] = counts.get(rows[-1]["status"], 0) + 1
+        last: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            last[row["combo_id"]] = row
+        for row in last.values():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
         buffer.extend(rows)
-        if len(buffer) >= 50 or time.monotonic() - flushed > 0.5:
+        if len(buffer) >= 200 or time.monotonic() - flushed > 0.5:
             store.record_many(buffer)
             buffer.clear()
             flushed = time.monotonic()
@@ -337,7 +329,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     )
     status_path = sweep_dir / "status.html"
     if pending:
-        size = cfg.chunk_size or max(50, math.ceil(len(pending) / MAX_CHUNKS))
+        size = cfg.chunk_size or max(MIN_CHUNK, math.ceil(len(pending) / MAX_CHUNKS))
         chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
         client, cluster = _start_dask(cfg)
         token = uuid.uuid4().hex
@@ -367,17 +359,19 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             client.close()
             if cluster is not None:
                 cluster.close()
-    else:
-        write_status_page(
-            current_results(store, current).rows,
-            status_path,
-            title=f"Sweep {cfg.name}",
-            total=total,
-            refresh_s=None,
-        )
-    return _finish(
-        cfg, current_results(store, current), sweep_dir, total, len(pending), flow_run_id
+    results = current_results(store, current)
+    digest = hashlib.sha256("\n".join(sorted(current)).encode()).hexdigest()
+    outputs = [status_path, sweep_dir / "dashboard.html", sweep_dir / "results.csv"]
+    fresh = (
+        not pending and store.get_meta("reported") == digest and all(p.exists() for p in outputs)
     )
+    if not fresh and not pending:  # with pending work the status writer wrote the final page
+        write_status_page(
+            results.rows, status_path, title=f"Sweep {cfg.name}", total=total, refresh_s=None
+        )
+    summary = _finish(cfg, results, sweep_dir, total, len(pending), flow_run_id, write=not fresh)
+    store.set_meta("reported", digest)
+    return summary
 
 
 def _key(*parts: str) -> str:
@@ -391,25 +385,36 @@ def current_results(store: ResultStore, keys: set[str]) -> SweepResults:
 
 
 def _finish(
-    cfg: SweepConfig, results: SweepResults, sweep_dir: Path, total: int, ran: int, flow_run_id: str
+    cfg: SweepConfig,
+    results: SweepResults,
+    sweep_dir: Path,
+    total: int,
+    ran: int,
+    flow_run_id: str,
+    *,
+    write: bool = True,
 ) -> dict[str, Any]:
+    """Counts, best rows and artifacts; with ``write``, also the exports and the dashboard
+    (a cached re-run of an unchanged space keeps the files it already has)."""
     logger = get_run_logger()
     last_step = cfg.step_configs()[-1].name
     final = results.filter(step=last_step)
     counts = {k: v for k, v in final.status_counts().items() if v}
     csv_path = sweep_dir / "results.csv"
-    results.to_csv(csv_path)
     parquet_path = sweep_dir / "results.parquet"
-    results.to_parquet(parquet_path)
     metrics = sorted({c.removeprefix("metric:") for c in final.columns if c.startswith("metric:")})
     objective = cfg.objective or (metrics[0] if metrics else None)
-    dashboard = write_dashboard(
-        final.rows,
-        sweep_dir / "dashboard.html",
-        title=f"Sweep {cfg.name}",
-        objective=objective,
-        maximize=cfg.maximize,
-    )
+    dashboard = sweep_dir / "dashboard.html"
+    if write:
+        results.to_csv(csv_path)
+        results.to_parquet(parquet_path)
+        write_dashboard(
+            final.rows,
+            dashboard,
+            title=f"Sweep {cfg.name}",
+            objective=objective,
+            maximize=cfg.maximize,
+        )
     best = (
         final.best(objective, maximize=cfg.maximize, n=5)
         if objective and counts.get("ok", 0) + counts.get("warning", 0)

@@ -103,3 +103,44 @@ def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
             break
         upstream = str(run_dir)
     return rows
+
+
+def failed_row(plan: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The row for a combination that could not run (its worker kept dying, or a bug)."""
+    step = next(s for s in plan["steps"] if not s["cached"])
+    now = time.time()
+    return {
+        "key": step["key"],
+        "combo_id": plan["combo_id"],
+        "combo_index": plan["combo_index"],
+        "step": step["name"],
+        "params": plan["params"],
+        "metrics": {},
+        "status": "failed",
+        "reason": reason,
+        "run_dir": step["run_dir"],
+        "started_at": now,
+        "ended_at": now,
+        "wall_s": 0.0,
+        "log_excerpt": "",
+    }
+
+
+def run_batch(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run several combinations in one Dask task, so Dask's per-task cost is shared.
+
+    A combination that raises (a bug of ours, not a trainable failure, which is a row)
+    becomes a failed row and the batch goes on.
+    """
+    rows: list[dict[str, Any]] = []
+    for plan in plans:
+        try:
+            rows.extend(run_combination(plan))
+        except Exception as exc:  # noqa: BLE001 - one combination must not sink its batch
+            rows.append(failed_row(plan, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+def batch_size(n_items: int, workers: int) -> int:
+    """Combinations per Dask task: up to 16, keeping at least 8 tasks per worker for balance."""
+    return max(1, min(16, n_items // max(1, workers * 8)))

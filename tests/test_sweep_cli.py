@@ -1,0 +1,79 @@
+"""Sweeps and packages from the command line, as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+EXPFLOW = str(Path(sys.executable).with_name("expflow"))
+
+
+def cli(*args: str, timeout: float = 300, **env: str):
+    return subprocess.run(
+        [EXPFLOW, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_sweep_run_results_package_and_reproduce(home, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import argparse, json, os\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--lr', type=float); p.add_argument('--seed', type=int)\n"
+        "a = p.parse_args()\n"
+        "json.dump({'loss': a.lr * 10 + a.seed / 100}, open(os.environ['EXPFLOW_METRICS_FILE'], 'w'))\n"
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text("grid: {lr: [0.1, 0.2, 0.3]}\nreplicates: {param: seed, values: [0, 1]}\n")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"name: cli-sweep\ntrainable: {script.name}\nspace: space.yaml\nworkers: 1\nobjective: loss\n"
+    )
+    out = cli("sweep", "run", "--config", str(config), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["counts"] == {"ok": 6} and summary["best"][0]["param:lr"] == 0.1
+
+    status = cli("sweep", "status", "cli-sweep")
+    assert status.returncode == 0 and "6/6" in status.stdout
+    stats = cli("sweep", "results", "cli-sweep", "--best", "loss", "--by", "lr")
+    rows = [json.loads(x) for x in stats.stdout.splitlines()]
+    assert [r["n"] for r in rows] == [2, 2, 2]
+    assert abs(rows[0]["mean"] - 1.005) < 1e-9
+
+    created = cli("package", "create", "--sweep", "cli-sweep", "--out", str(tmp_path / "pkgs"))
+    assert created.returncode == 0, created.stderr
+    archive = Path(created.stdout.strip())
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("manifest.json") for n in names)
+    assert any(n.endswith("train.py") for n in names)
+    assert cli("package", "verify", str(archive)).returncode == 0
+    again = cli("package", "reproduce", str(archive), "--workdir", str(tmp_path / "repro"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "6 matched" in again.stdout or "matched" in again.stdout
+
+
+def test_sweep_bad_settings_and_unknown_sweep_are_one_line(home, tmp_path):
+    bad = cli(
+        "sweep",
+        "run",
+        "--trainable",
+        "x.mod:f",
+        "--space",
+        str(tmp_path / "none.yaml"),
+        "--set",
+        "workerz=3",
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "'workerz'" in bad.stderr
+    missing = cli("sweep", "status", "no-such-sweep")
+    assert missing.returncode == 2 and "no sweep named 'no-such-sweep'" in missing.stderr
