@@ -58,6 +58,35 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def gpus() -> list[str]:
+    """GPU names and memory from nvidia-smi; empty where there is none."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
 def capture_environment(code_dir: Path | str = ".") -> dict[str, Any]:
     """Machine, Python, packages and code version, for a run's ``metadata.json``."""
     try:
@@ -72,6 +101,8 @@ def capture_environment(code_dir: Path | str = ".") -> dict[str, Any]:
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
         "memory_gb": memory_gb,
+        "cpu_model": _cpu_model(),
+        "gpus": gpus(),
         "packages": package_versions(),
         **git_version(code_dir),
     }

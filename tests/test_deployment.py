@@ -174,6 +174,12 @@ def test_nightly_deployment_has_an_off_peak_cron_with_timezone(deployed):
     assert schedules[0]["schedule"]["cron"] == "30 2 * * *"
     assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"
     assert schedules[0]["active"] is True
+    by_name = {d["name"]: d for d in deployments}
+    sweep = by_name["advection-sweep-nightly"]
+    assert sweep["entrypoint"] == "expflow_flows/flows/sweep.py:sweep"
+    assert sweep["schedules"][0]["schedule"]["cron"] == "0 1 * * *"
+    audit = by_name["daily-audit"]
+    assert audit["schedules"][0]["schedule"]["timezone"] == "Europe/Berlin"
 
 
 def api(server, method: str, path: str, body: dict | None = None):
