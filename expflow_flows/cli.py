@@ -900,6 +900,9 @@ def sweep_results(
     parquet_out: Path | None = typer.Option(
         None, "--parquet", help="Write all rows to this Parquet file."
     ),
+    png: Path | None = typer.Option(
+        None, help="Export the dashboard as a PNG (needs a Chromium on PATH)."
+    ),
 ) -> None:
     """Read a sweep's results: best rows, statistics per parameter, CSV/Parquet exports."""
     from expflow_flows.sweep.results import SweepResults
@@ -919,7 +922,14 @@ def sweep_results(
             else:
                 for row in results.best(best, maximize=maximize, n=n):
                     typer.echo(json.dumps(row, default=str))
-        if not (best or csv_out or parquet_out):
+        if png:
+            from expflow_flows.sweep.report import export_png
+
+            shot = export_png(_sweep_dir(name) / "dashboard.html", png)
+            if shot is None:
+                raise ExpflowError("no PNG written: no Chromium on PATH (apt-get install chromium)")
+            typer.echo(f"wrote {shot}")
+        if not (best or csv_out or parquet_out or png):
             typer.echo(json.dumps(results.status_counts()))
     except ExpflowError as exc:
         fail(str(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,6 +49,11 @@ def test_sweep_run_results_package_and_reproduce(home, tmp_path):
     rows = [json.loads(x) for x in stats.stdout.splitlines()]
     assert [r["n"] for r in rows] == [2, 2, 2]
     assert abs(rows[0]["mean"] - 1.005) < 1e-9
+
+    if shutil.which("chromium"):
+        shot = cli("sweep", "results", "cli-sweep", "--png", str(tmp_path / "dash.png"))
+        assert shot.returncode == 0, shot.stderr
+        assert (tmp_path / "dash.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     created = cli("package", "create", "--sweep", "cli-sweep", "--out", str(tmp_path / "pkgs"))
     assert created.returncode == 0, created.stderr

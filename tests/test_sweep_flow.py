@@ -71,6 +71,16 @@ def test_sweep_runs_every_combination_and_reports(prefect_harness, home, calls):
     assert "refresh" not in (sweep_dir / "status.html").read_text().split("</head>")[0].lower()
     meta = json.loads((sweep_dir / "metadata.json").read_text())
     assert meta["combinations"] == 12 and "python" in meta["environment"]
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="grid-"))
+        )
+    links = {a.key: a.data for a in arts}
+    assert str(sweep_dir / "dashboard.html") in links["grid-dashboard"]
+    assert "grid-summary" in links and "Best by value" in links["grid-summary"]
     # Per-combination resource figures are recorded.
     assert all(r["wall_s"] is not None and r["cpu_s"] is not None for r in results.rows)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     update_progress_artifact,
@@ -54,6 +55,8 @@ PLAN_BATCH = 5000
 MAX_CHUNKS = 50
 MIN_CHUNK = 200
 _CLIENTS: dict[str, Any] = {}
+# Mean seconds per combination seen so far in a sweep, by client token: sizes later batches.
+_SECONDS_EACH: dict[str, float] = {}
 
 
 def describe(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -145,7 +148,7 @@ def run_chunk(
     client = _CLIENTS[client_token]
     store = ResultStore(Path(store_path))
     workers = max(1, len(client.scheduler_info().get("workers", {})))
-    size = batch_size(len(plans), workers)
+    size = batch_size(len(plans), workers, _SECONDS_EACH.get(client_token))
     batches = [plans[i : i + size] for i in range(0, len(plans), size)]
     keys = [f"batch-{index}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(batches))]
     by_key = dict(zip(keys, batches, strict=True))
@@ -154,6 +157,7 @@ def run_chunk(
     )
     counts = {"ok": 0, "warning": 0, "pruned": 0, "failed": 0}
     buffer: list[dict[str, Any]] = []
+    recorded: list[dict[str, Any]] = []
     flushed = time.monotonic()
     for future in as_completed(futures):
         try:
@@ -167,12 +171,16 @@ def run_chunk(
         for row in last.values():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         buffer.extend(rows)
+        recorded.extend(rows)
         if len(buffer) >= 200 or time.monotonic() - flushed > 0.5:
             store.record_many(buffer)
             buffer.clear()
             flushed = time.monotonic()
     if buffer:
         store.record_many(buffer)
+    walls = [float(r["wall_s"]) for r in recorded if r.get("wall_s") is not None]
+    if walls:
+        _SECONDS_EACH[client_token] = sum(walls) / len(walls)
     get_run_logger().info(
         "chunk %d: %s", index, ", ".join(f"{k} {v}" for k, v in counts.items() if v)
     )
@@ -356,20 +364,27 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
                     future.result()
         finally:
             _CLIENTS.pop(token, None)
+            _SECONDS_EACH.pop(token, None)
             client.close()
             if cluster is not None:
                 cluster.close()
-    results = current_results(store, current)
     digest = hashlib.sha256("\n".join(sorted(current)).encode()).hexdigest()
     outputs = [status_path, sweep_dir / "dashboard.html", sweep_dir / "results.csv"]
     fresh = (
         not pending and store.get_meta("reported") == digest and all(p.exists() for p in outputs)
     )
+    previous = store.get_meta("summary") if fresh else None
+    if previous:
+        # Nothing ran and the space is the one last reported: its summary still holds.
+        logger.info("sweep %s: all %d combinations cached; reports unchanged", cfg.name, total)
+        return {**previous, "ran": 0, "cached": total}
+    results = current_results(store, current)
     if not fresh and not pending:  # with pending work the status writer wrote the final page
         write_status_page(
             results.rows, status_path, title=f"Sweep {cfg.name}", total=total, refresh_s=None
         )
     summary = _finish(cfg, results, sweep_dir, total, len(pending), flow_run_id, write=not fresh)
+    store.set_meta("summary", summary)
     store.set_meta("reported", digest)
     return summary
 
@@ -436,6 +451,17 @@ def _finish(
         "dashboard": str(dashboard),
         "status_page": str(sweep_dir / "status.html"),
     }
+    create_link_artifact(
+        key=_key(cfg.name, "dashboard"),
+        link=f"file://{dashboard}",
+        link_text=f"Sweep {cfg.name}: dashboard",
+        description="plotly dashboard (open the file in a browser)",
+    )
+    create_link_artifact(
+        key=_key(cfg.name, "status"),
+        link=f"file://{sweep_dir / 'status.html'}",
+        link_text=f"Sweep {cfg.name}: status page",
+    )
     create_markdown_artifact(
         key=_key(cfg.name, "summary"),
         markdown=_summary_markdown(summary, best),

@@ -141,6 +141,10 @@ def run_batch(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def batch_size(n_items: int, workers: int) -> int:
-    """Combinations per Dask task: up to 16, keeping at least 8 tasks per worker for balance."""
-    return max(1, min(16, n_items // max(1, workers * 8)))
+def batch_size(n_items: int, workers: int, seconds_each: float | None) -> int:
+    """Combinations per Dask task: one until their duration is known, then enough to take
+    about a quarter second (at most 16), keeping at least 8 tasks per worker for balance."""
+    if seconds_each is None:
+        return 1
+    wanted = int(0.25 / max(seconds_each, 1e-4))
+    return max(1, min(16, wanted, n_items // max(1, workers * 8)))
