@@ -169,7 +169,8 @@ def test_nightly_deployment_has_an_off_peak_cron_with_timezone(deployed):
     deployments = api(deployed, "POST", "/deployments/filter", {})
     nightly = [d for d in deployments if d["name"] == "pde-advection-nightly-hpo"]
     assert len(nightly) == 1
-    assert nightly[0]["parameters"] == {"config": "deployments/pde-advection-nightly.yaml"}
+    assert nightly[0]["parameters"]["config"] == "deployments/pde-advection-nightly.yaml"
+    assert nightly[0]["parameters"]["offpeak"]["windows"] == ["22:00-06:00"]
     schedules = nightly[0]["schedules"]
     assert schedules[0]["schedule"]["cron"] == "30 2 * * *"
     assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"

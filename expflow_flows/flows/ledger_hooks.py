@@ -24,7 +24,7 @@ def describe_pipeline(parameters: dict[str, Any]) -> tuple[str, str, dict[str, A
     """Name, trainable and settings of a pipeline run (its config file included)."""
     from expflow_flows.config import build_config
 
-    fields = {k: v for k, v in parameters.items() if k not in ("config", "force")}
+    fields = {k: v for k, v in parameters.items() if k not in ("config", "force", "offpeak")}
     cfg = build_config(parameters.get("config"), **fields)
     return cfg.experiment, cfg.train, cfg.to_dict()
 

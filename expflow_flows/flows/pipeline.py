@@ -26,6 +26,7 @@ from expflow_flows import hpo, pin, progress, submission
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
+from expflow_flows.flows.offpeak import hold_for_offpeak
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.metadata import capture_environment
 from expflow_flows.report import write_study_report
@@ -285,6 +286,7 @@ def pipeline(
     parallelism: int | None = None,
     runner: str | None = None,
     dask_address: str | None = None,
+    slurm: dict[str, Any] | None = None,
     hpo_budget: dict[str, Any] | None = None,
     final_budget: dict[str, Any] | None = None,
     objective: str | None = None,
@@ -299,9 +301,17 @@ def pipeline(
     submit_to: str | None = None,
     submission_name: str | None = None,
     force: bool = False,
+    offpeak: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it."""
+    """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it.
+
+    ``offpeak`` (e.g. ``{windows: ['22:00-08:00'], timezone: Europe/Berlin}``) moves a run
+    triggered in peak hours to the next off-peak window.
+    """
     try:
+        deferred = hold_for_offpeak(offpeak)
+        if deferred:
+            return deferred
         cfg = build_config(
             config,
             experiment=experiment,
@@ -313,6 +323,7 @@ def pipeline(
             parallelism=parallelism,
             runner=runner,
             dask_address=dask_address,
+            slurm=slurm,
             hpo_budget=hpo_budget,
             final_budget=final_budget,
             objective=objective,
@@ -357,7 +368,7 @@ def _stages(
 
     # --- HPO: a nested flow so its task runner can follow this run's parameters.
     task_runner = make_task_runner(
-        cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address
+        cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address, slurm=cfg.slurm
     )
     study = hpo_flow.with_options(task_runner=task_runner)(
         cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir), str(run_dir.path)

@@ -34,6 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.flows.ledger_hooks import hooks_for, record_outputs
+from expflow_flows.flows.offpeak import hold_for_offpeak
 from expflow_flows.home import runs_root
 from expflow_flows.metadata import capture_environment
 from expflow_flows.sweep.config import SweepConfig, build_sweep_config
@@ -61,7 +62,7 @@ _SECONDS_EACH: dict[str, float] = {}
 
 def describe(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """Name, trainable and settings of a sweep run, for the ledger."""
-    fields = {k: v for k, v in parameters.items() if k != "config"}
+    fields = {k: v for k, v in parameters.items() if k not in ("config", "offpeak")}
     cfg = build_sweep_config(parameters.get("config"), **fields)
     trainable = cfg.trainable or " -> ".join(s.trainable for s in cfg.step_configs())
     return cfg.name, trainable, cfg.to_dict()
@@ -188,7 +189,8 @@ def run_chunk(
 
 
 def _start_dask(cfg: SweepConfig) -> tuple[Any, Any]:
-    """A client on ``dask_address``, or on a new LocalCluster with one thread per worker."""
+    """A client on ``dask_address``, on Slurm jobs (one Dask worker each), or on a new
+    LocalCluster with one thread per worker."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -197,6 +199,8 @@ def _start_dask(cfg: SweepConfig) -> tuple[Any, Any]:
     if cfg.dask_address:
         return Client(cfg.dask_address), None
     wanted = cfg.dask_resources()
+    if cfg.cluster == "slurm":
+        return _start_slurm(cfg)
     if wanted.get("GPU"):
         import shutil
 
@@ -220,6 +224,29 @@ def _start_dask(cfg: SweepConfig) -> tuple[Any, Any]:
         dashboard_address=":0",
         resources={"CPU": 1, "MEMORY": memory, "GPU": 0},
     )
+    return Client(cluster), cluster
+
+
+def _start_slurm(cfg: SweepConfig) -> tuple[Any, Any]:
+    """``cfg.workers`` Slurm jobs, each one Dask worker with ``slurm.cores`` threads; the
+    workers declare CPU/MEMORY/GPU resources so per-combination ``resources`` are honoured."""
+    from dask_jobqueue import SLURMCluster
+    from distributed import Client
+
+    from expflow_flows.runners import slurm_cluster_kwargs
+    from expflow_flows.sweep.config import parse_memory
+
+    kwargs = slurm_cluster_kwargs(cfg.slurm)
+    gres = any("gres" in d or "gpus" in d for d in kwargs.get("job_extra_directives", []))
+    gpus = float(cfg.resources.get("gpu", 0)) if gres else 0
+    procs = kwargs.get("processes", 1)
+    declared = (
+        f"CPU={kwargs['cores'] // procs},MEMORY={int(parse_memory(kwargs['memory']) / procs)},"
+        f"GPU={gpus:g}"
+    )
+    kwargs["worker_extra_args"] = [*kwargs.get("worker_extra_args", []), "--resources", declared]
+    cluster = SLURMCluster(**kwargs)
+    cluster.scale(jobs=cfg.workers)
     return Client(cluster), cluster
 
 
@@ -270,15 +297,24 @@ def sweep(
     force: bool | list[str] | None = None,
     workers: int | None = None,
     dask_address: str | None = None,
+    cluster: str | None = None,
+    slurm: dict[str, Any] | None = None,
     chunk_size: int | None = None,
     retries: int | None = None,
     resources: dict[str, Any] | None = None,
     max_failure_ratio: float | None = None,
     objective: str | None = None,
     maximize: bool | None = None,
+    offpeak: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run a trainable (or a chain of steps) over every combination of a space, with caching and resume."""
+    """Run a trainable (or a chain of steps) over every combination of a space, with caching and resume.
+
+    ``offpeak`` moves a run triggered in peak hours to the next off-peak window.
+    """
     try:
+        deferred = hold_for_offpeak(offpeak)
+        if deferred:
+            return deferred
         cfg = build_sweep_config(
             config,
             name=name,
@@ -292,6 +328,8 @@ def sweep(
             force=force,
             workers=workers,
             dask_address=dask_address,
+            cluster=cluster,
+            slurm=slurm,
             chunk_size=chunk_size,
             retries=retries,
             resources=resources,
