@@ -26,7 +26,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_CLI_PROMPT ?= false
 API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: install install-dev demo test bench lint format server server-stop deploy worker clean
+.PHONY: install install-dev demo test bench lint format server server-stop deploy worker slurm-up slurm-down clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,8 +55,11 @@ demo: $(VENV)/.installed
 
 # Headless Chromium (Debian's package) checks the HTML reports; the script installs it
 # when it is missing and this is root with apt, and otherwise lets those tests skip.
+# A real single-node Slurm (Debian's slurmctld/slurmd/munge on loopback) for the
+# Slurm tests: installed and started idempotently; the tests stop it afterwards.
 test: $(VENV)/.installed-dev
 	./scripts/ensure-chromium.sh
+	./scripts/slurm-up.sh
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
@@ -85,6 +88,12 @@ deploy: server
 
 worker: server
 	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(POOL) --type process
+
+slurm-up:
+	./scripts/slurm-up.sh
+
+slurm-down:
+	./scripts/slurm-down.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -15,7 +15,7 @@ from expflow_flows.errors import ExpflowError
 
 PDE_SPACE = Path(__file__).parent / "pde" / "space.yaml"
 DIRECTIONS = ("minimize", "maximize")
-RUNNERS = ("dask", "threads")
+RUNNERS = ("dask", "threads", "slurm")
 PRUNERS = ("median", "none")
 
 
@@ -32,6 +32,7 @@ class PipelineConfig:
     parallelism: int = 2
     runner: str = "dask"
     dask_address: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
     hpo_budget: dict[str, Any] = field(default_factory=lambda: {"epochs": 15})
     final_budget: dict[str, Any] = field(default_factory=lambda: {"epochs": 40})
     objective: str = "val_nrmse"
@@ -124,6 +125,10 @@ def _validate(cfg: PipelineConfig) -> None:
         f"direction={cfg.direction!r}: expected one of {', '.join(DIRECTIONS)}",
     )
     need(cfg.runner in RUNNERS, f"runner={cfg.runner!r}: expected one of {', '.join(RUNNERS)}")
+    need(isinstance(cfg.slurm, dict), f"slurm={cfg.slurm!r}: expected a mapping of settings")
+    need(
+        not cfg.slurm or cfg.runner == "slurm", "slurm settings are given but runner is not 'slurm'"
+    )
     need(cfg.pruner in PRUNERS, f"pruner={cfg.pruner!r}: expected one of {', '.join(PRUNERS)}")
     need(bool(cfg.objective), "objective is empty: expected the name of a metric to optimise")
     need(

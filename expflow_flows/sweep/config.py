@@ -12,6 +12,7 @@ from typing import Any
 from expflow_flows.errors import ExpflowError
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu")
+CLUSTERS = ("local", "slurm")
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _MEM_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -42,6 +43,8 @@ class SweepConfig:
     force: bool | list[str] = False
     workers: int = 2
     dask_address: str | None = None
+    cluster: str = "local"
+    slurm: dict[str, Any] = field(default_factory=dict)
     chunk_size: int | None = None
     retries: int = 2
     resources: dict[str, Any] = field(default_factory=dict)
@@ -219,6 +222,23 @@ def _validate(cfg: SweepConfig) -> None:
         f"resources key {_first(unknown)!r} is not known; accepted: {', '.join(RESOURCE_KEYS)}",
     )
     cfg.dask_resources()
+    need(
+        cfg.cluster in CLUSTERS,
+        f"cluster={cfg.cluster!r}: expected one of {', '.join(CLUSTERS)}",
+    )
+    need(isinstance(cfg.slurm, dict), f"slurm={cfg.slurm!r}: expected a mapping of settings")
+    need(
+        not cfg.slurm or cfg.cluster == "slurm",
+        "slurm settings are given but cluster is not 'slurm'",
+    )
+    need(
+        not (cfg.cluster == "slurm" and cfg.dask_address),
+        "give cluster 'slurm' or dask_address, not both",
+    )
+    if cfg.cluster == "slurm":
+        from expflow_flows.runners import slurm_cluster_kwargs
+
+        slurm_cluster_kwargs(cfg.slurm)
     need(
         cfg.max_failure_ratio is None or 0 <= cfg.max_failure_ratio <= 1,
         f"max_failure_ratio={cfg.max_failure_ratio!r}: expected a number from 0 to 1",

@@ -64,6 +64,8 @@ def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     upstream: str | None = None
     worker = f"{socket.gethostname()}:{os.getpid()}"
+    if os.environ.get("SLURM_JOB_ID"):
+        worker += f":{os.environ['SLURM_JOB_ID']}"
     for step in plan["steps"]:
         run_dir = Path(step["run_dir"])
         if step["cached"]:

@@ -1,0 +1,165 @@
+"""Dask on a real single-node Slurm (scripts/slurm-up.sh): sbatch, a sweep with
+cluster='slurm' and the pipeline with runner='slurm'. Skipped when Slurm cannot start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from expflow_flows.errors import ExpflowError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running Slurm; SLURM_CONF set for this process and its children."""
+    t0 = time.monotonic()
+    up = subprocess.run(
+        [str(ROOT / "scripts" / "slurm-up.sh")], capture_output=True, text=True, timeout=600
+    )
+    out = up.stdout.strip().splitlines()
+    skip = [line for line in out if line.startswith("SKIP:")]
+    conf = [line for line in out if line.startswith("export SLURM_CONF=")]
+    if up.returncode != 0 or skip or not conf:
+        reason = skip[0] if skip else (up.stderr.strip().splitlines() or ["slurm-up.sh failed"])[-1]
+        pytest.skip(f"no Slurm: {reason}")
+    print(f"slurm-up.sh took {time.monotonic() - t0:.1f} s")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf[-1].split("=", 1)[1]
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run([str(ROOT / "scripts" / "slurm-down.sh")], capture_output=True, timeout=60)
+
+
+def _job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    for word in out.split():
+        if word.startswith("JobState="):
+            return word.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def _no_jobs_left(timeout: float = 20) -> None:
+    """Dask workers' Slurm jobs are cancelled when the cluster closes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+            return
+        time.sleep(0.3)
+    raise AssertionError("Slurm jobs still queued: " + subprocess.getoutput("squeue"))
+
+
+def test_unknown_slurm_setting_is_one_line_error():
+    from expflow_flows.runners import make_task_runner
+
+    with pytest.raises(ExpflowError) as err:
+        make_task_runner("slurm", slurm={"bogus": 1})
+    msg = str(err.value)
+    assert "bogus" in msg and "accepted:" in msg and "cores" in msg and "\n" not in msg
+
+
+def test_missing_dask_jobqueue_names_the_extra(monkeypatch):
+    import sys
+
+    from expflow_flows.runners import make_task_runner
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    with pytest.raises(ExpflowError, match=r"expflow-flows\[slurm\]"):
+        make_task_runner("slurm", workers=2)
+
+
+def test_sweep_config_rejects_unknown_cluster():
+    from expflow_flows.sweep.config import build_sweep_config
+
+    with pytest.raises(ExpflowError, match="cluster="):
+        build_sweep_config(trainable="m:f", space={"grid": {"x": [1]}}, cluster="pbs")
+    with pytest.raises(ExpflowError, match="'bogus' is not known"):
+        build_sweep_config(
+            trainable="m:f", space={"grid": {"x": [1]}}, cluster="slurm", slurm={"bogus": 1}
+        )
+
+
+def test_sbatch_job_completes(slurm, tmp_path):
+    t0 = time.monotonic()
+    job = (
+        subprocess.run(
+            ["sbatch", "--parsable", "-o", str(tmp_path / "out.txt"), "--wrap", "echo hi"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
+    running = None
+    deadline = time.monotonic() + 30
+    while (state := _job_state(job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        if state == "RUNNING" and running is None:
+            running = time.monotonic() - t0
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(0.1)
+    print(f"sbatch -> running {running} s, -> {state} {time.monotonic() - t0:.2f} s")
+    assert state == "COMPLETED"
+    assert (tmp_path / "out.txt").read_text().strip() == "hi"
+
+
+def test_sweep_on_slurm(slurm, prefect_harness, home, tmp_path, monkeypatch):
+    from expflow_flows.flows.sweep import sweep
+
+    monkeypatch.chdir(tmp_path)  # the workers' Slurm job logs land here
+    t0 = time.monotonic()
+    summary = sweep(
+        name="slurm-grid",
+        trainable="sample_trainables:sweep_square",
+        space={"grid": {"x": [1, 2, 3], "y": [0.0, 1.0]}},
+        workers=2,
+        cluster="slurm",
+        slurm={"cores": 1, "memory": "1GB", "walltime": "00:10:00"},
+    )
+    wall = time.monotonic() - t0
+    print(f"sweep of 6 on Slurm: {wall:.1f} s")
+    assert summary["combinations"] == 6 and summary["counts"] == {"ok": 6}
+    from expflow_flows.sweep.results import SweepResults
+
+    rows = SweepResults.load(Path(summary["sweep_dir"])).rows
+    workers = {r["worker"] for r in rows}
+    jobs = {w.split(":")[2] for w in workers if w.count(":") == 2}
+    assert len(jobs) >= 1 and all(w.count(":") == 2 for w in workers), workers
+    assert str(os.getpid()) not in {w.split(":")[1] for w in workers}
+    _no_jobs_left()
+
+
+def test_pipeline_on_slurm(slurm, prefect_harness, home, tmp_path, monkeypatch):
+    import json
+
+    from test_pipeline import load_study, run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    summary = run_pipeline(
+        tmp_path,
+        runner="slurm",
+        n_trials=2,
+        parallelism=2,
+        submit=False,
+        slurm={"cores": 1, "memory": "1GB"},
+    )
+    print(f"pipeline with 2 trials on Slurm: {time.monotonic() - t0:.1f} s")
+    assert summary["trials"]["complete"] == 2
+    pids = {
+        json.loads((Path(t.user_attrs["run_dir"]) / "metadata.json").read_text())["pid"]
+        for t in load_study(tmp_path).trials
+    }
+    assert os.getpid() not in pids
+    _no_jobs_left()
