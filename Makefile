@@ -75,8 +75,9 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format expflow_flows tests benchmarks
 	$(VENV)/bin/ruff check --fix expflow_flows tests benchmarks
 
+# DB_URL=postgresql+asyncpg://user@host/prefect puts the server on PostgreSQL.
 server: $(VENV)/.installed
-	$(EXPFLOW) server start --port $(PORT)
+	$(EXPFLOW) server start --port $(PORT) $(if $(DB_URL),--database-url $(DB_URL))
 
 server-stop: $(VENV)/.installed
 	$(EXPFLOW) server stop --port $(PORT)

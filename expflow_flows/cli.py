@@ -358,12 +358,19 @@ def pde_generate(
 
 
 @server_app.command("start")
-def server_start(port: int = typer.Option(4200, help="Loopback port.")) -> None:
+def server_start(
+    port: int = typer.Option(4200, help="Loopback port."),
+    database_url: str | None = typer.Option(
+        None,
+        envvar="EXPFLOW_SERVER_DATABASE_URL",
+        help="postgresql+asyncpg://user@host/db for a team server (default: SQLite).",
+    ),
+) -> None:
     """Start a local Prefect server in the background (or reuse a running one)."""
     from expflow_flows import server
 
     try:
-        url, started = server.start(port)
+        url, started = server.start(port, database_url=database_url)
     except ExpflowError as exc:
         fail(str(exc))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,14 +72,22 @@ def open_study(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
-    study = optuna.create_study(
-        storage=open_storage(storage),
-        study_name=study_name,
-        direction=direction,
-        sampler=sampler,
-        pruner=make_pruner(pruner),
-        load_if_exists=True,
-    )
+    store = open_storage(storage)
+    for attempt in range(3):
+        try:
+            study = optuna.create_study(
+                storage=store,
+                study_name=study_name,
+                direction=direction,
+                sampler=sampler,
+                pruner=make_pruner(pruner),
+                load_if_exists=True,
+            )
+            break
+        except Exception:  # noqa: BLE001 - two runs creating one study at once: load the winner's
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
     existing = study.direction.name.lower()
     if existing != direction:
         raise ExpflowError(

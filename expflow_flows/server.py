@@ -50,9 +50,16 @@ def _prefect_exe() -> str:
 
 
 def start(
-    port: int = DEFAULT_PORT, host: str = "127.0.0.1", wait: float = 120.0
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    wait: float = 120.0,
+    database_url: str | None = None,
 ) -> tuple[str, bool]:
-    """Start a server unless one is healthy already; returns (API URL, started_now)."""
+    """Start a server unless one is healthy already; returns (API URL, started_now).
+
+    ``database_url`` (``postgresql+asyncpg://user@host/db``) puts the server on PostgreSQL
+    for a team; without it the server keeps SQLite under ``PREFECT_HOME``.
+    """
     if is_healthy(port, host):
         return api_url(port, host), False
     state = _state_dir()
@@ -60,6 +67,13 @@ def start(
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
+    if database_url:
+        if not database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ExpflowError(
+                f"database URL {database_url.split('@')[-1]!r}: expected postgresql+asyncpg://… "
+                "or sqlite+aiosqlite://…"
+            )
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [
