@@ -262,6 +262,60 @@ def default_ledger_path() -> Path:
 # --- the ledger ------------------------------------------------------------------------
 
 
+def run_locked(
+    connect: Callable[[], sqlite3.Connection],
+    work: Callable[[sqlite3.Connection], T],
+    *,
+    begin: Begin,
+    lock_retries: int,
+    busy_timeout_s: float,
+    fail: Callable[[sqlite3.Error], ExpflowError],
+    what: str,
+) -> T:
+    """Run ``work`` in one transaction on a fresh connection, retrying while the file is locked.
+
+    Bounded by ``lock_retries`` tries and ``busy_timeout_s`` in all; shared by the ledger and
+    the sweep results store. An integrity error is the caller's to handle.
+    """
+    started = time.monotonic()
+    delay = _BACKOFF_START_S
+    for attempt in range(1, lock_retries + 1):
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect()
+            if begin != "none":
+                conn.execute("BEGIN IMMEDIATE" if begin == "immediate" else "BEGIN")
+            result = work(conn)
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            return result
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc):
+                raise fail(exc) from exc
+            waited = time.monotonic() - started
+            if attempt == lock_retries or waited >= busy_timeout_s:
+                raise ExpflowError(
+                    f"{what} stayed locked by another writer for {waited:.1f} s "
+                    f"({attempt} tries); try again, or stop the process that holds it"
+                ) from exc
+            log.debug("%s locked (try %d): %s", what, attempt, exc)
+        except sqlite3.DatabaseError as exc:
+            raise fail(exc) from exc
+        finally:
+            if conn is not None:
+                # An error (ours or SQLite's) leaves nothing half-written.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                conn.close()
+        # Jitter keeps processes that collided from colliding again in lockstep.
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, _BACKOFF_MAX_S)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class Ledger:
     """The experiment ledger; safe to share between threads and to open from many processes."""
 
@@ -321,48 +375,16 @@ class Ledger:
         return ExpflowError(f"ledger {self.path} cannot be used ({text}); {hint}")
 
     def _run(self, work: Callable[[sqlite3.Connection], T], *, begin: Begin = "immediate") -> T:
-        """Run ``work`` in one transaction on a fresh connection, retrying while the file is locked.
-
-        The retries are bounded by ``lock_retries`` and by ``busy_timeout_s`` of
-        total time, on top of SQLite's own wait, so a stuck writer is an error, never a hang.
-        """
-        started = time.monotonic()
-        delay = _BACKOFF_START_S
-        for attempt in range(1, self.lock_retries + 1):
-            conn: sqlite3.Connection | None = None
-            try:
-                conn = self._connect()
-                if begin != "none":
-                    conn.execute("BEGIN IMMEDIATE" if begin == "immediate" else "BEGIN")
-                result = work(conn)
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-                return result
-            except sqlite3.IntegrityError:
-                raise
-            except sqlite3.OperationalError as exc:
-                if not _is_locked(exc):
-                    raise self._fail(exc) from exc
-                waited = time.monotonic() - started
-                if attempt == self.lock_retries or waited >= self.busy_timeout_s:
-                    raise ExpflowError(
-                        f"ledger {self.path} stayed locked by another writer for {waited:.1f} s "
-                        f"({attempt} tries); try again, or stop the process that holds it"
-                    ) from exc
-                log.debug("ledger %s locked (try %d): %s", self.path, attempt, exc)
-            except sqlite3.DatabaseError as exc:
-                raise self._fail(exc) from exc
-            finally:
-                if conn is not None:
-                    # An error (ours or SQLite's) leaves nothing half-written.
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    conn.close()
-            # Jitter keeps processes that collided from colliding again in lockstep.
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run ``work`` in one transaction, retrying while the file is locked (bounded)."""
+        return run_locked(
+            self._connect,
+            work,
+            begin=begin,
+            lock_retries=self.lock_retries,
+            busy_timeout_s=self.busy_timeout_s,
+            fail=self._fail,
+            what=f"ledger {self.path}",
+        )
 
     def _ensure_schema(self) -> None:
         def wal(conn: sqlite3.Connection) -> None:

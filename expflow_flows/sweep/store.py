@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,13 +30,11 @@ from typing import Any, Literal, TypeVar
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.ledger import (
-    _BACKOFF_MAX_S,
-    _BACKOFF_START_S,
     BUSY_TIMEOUT_S,
     LOCK_RETRIES,
     _encode_mapping,
-    _is_locked,
     _json_default,
+    run_locked,
 )
 from expflow_flows.rundir import STATUSES
 
@@ -308,45 +305,16 @@ class ResultStore:
         return ExpflowError(f"results store {self.path} cannot be used ({text}); {hint}")
 
     def _run(self, work: Callable[[sqlite3.Connection], T], *, begin: Begin = "immediate") -> T:
-        """Run ``work`` in one transaction on a fresh connection, retrying while the file is locked.
-
-        Bounded by ``lock_retries`` tries and ``busy_timeout_s`` in all (the ledger's rule).
-        """
-        started = time.monotonic()
-        delay = _BACKOFF_START_S
-        for attempt in range(1, self.lock_retries + 1):
-            conn: sqlite3.Connection | None = None
-            try:
-                conn = self._connect()
-                if begin != "none":
-                    conn.execute("BEGIN IMMEDIATE" if begin == "immediate" else "BEGIN")
-                result = work(conn)
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-                return result
-            except sqlite3.OperationalError as exc:
-                if not _is_locked(exc):
-                    raise self._fail(exc) from exc
-                waited = time.monotonic() - started
-                if attempt == self.lock_retries or waited >= self.busy_timeout_s:
-                    raise ExpflowError(
-                        f"results store {self.path} stayed locked by another writer for "
-                        f"{waited:.1f} s ({attempt} tries); try again, or stop the process that holds it"
-                    ) from exc
-                log.debug("results store %s locked (try %d): %s", self.path, attempt, exc)
-            except sqlite3.DatabaseError as exc:
-                raise self._fail(exc) from exc
-            finally:
-                if conn is not None:
-                    # An error (ours or SQLite's) leaves nothing half-written.
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    conn.close()
-            # Jitter keeps writers that collided from colliding again in lockstep.
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, _BACKOFF_MAX_S)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run ``work`` in one transaction, retrying while the file is locked (the ledger's rule)."""
+        return run_locked(
+            self._connect,
+            work,
+            begin=begin,
+            lock_retries=self.lock_retries,
+            busy_timeout_s=self.busy_timeout_s,
+            fail=self._fail,
+            what=f"results store {self.path}",
+        )
 
     def _ensure_schema(self) -> None:
         def wal(conn: sqlite3.Connection) -> None:
