@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.yamlfile import read_mapping
 
 if TYPE_CHECKING:
     import optuna
@@ -271,32 +272,13 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         """Read a space from a YAML file; a missing, invalid or non-mapping file is an error."""
-        import yaml
 
-        path = Path(path).expanduser()
-        if not path.is_file():
-            why = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise ExpflowError(f"search space file {str(path)!r} {why}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise ExpflowError(
-                f"search space file {str(path)!r} is not valid YAML{where}: {problem}"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ExpflowError(f"search space file {str(path)!r} cannot be read ({exc})") from None
-        if data is None:
-            raise ExpflowError(
-                f"search space file {str(path)!r} is empty; expected a mapping of parameter names"
-            )
-        if not isinstance(data, dict):
-            raise ExpflowError(
-                f"search space file {str(path)!r} must hold a mapping of parameter names at the "
-                f"top level, not a {type(data).__name__}"
-            )
+        data = read_mapping(
+            path,
+            "search space file",
+            "expected a mapping of parameter names",
+            mapping="a mapping of parameter names",
+        )
         return cls.from_dict(data)
 
     @classmethod

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.yamlfile import read_mapping
 
 PARTS = ("fixed", "grid", "zip", "sample", "conditional", "constraints", "derived", "replicates")
 METHODS = ("random", "lhs")
@@ -882,33 +883,13 @@ class SweepSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepSpace:
         """Read a space from a YAML file; a missing, invalid or non-mapping file is an error."""
-        import yaml
 
-        path = Path(path).expanduser()
-        if not path.is_file():
-            why = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise ExpflowError(f"sweep space file {str(path)!r} {why}")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or type(exc).__name__
-            raise ExpflowError(
-                f"sweep space file {str(path)!r} is not valid YAML{where}: {problem}"
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ExpflowError(f"sweep space file {str(path)!r} cannot be read ({exc})") from None
-        if data is None:
-            raise ExpflowError(
-                f"sweep space file {str(path)!r} is empty; expected a mapping with keys among "
-                f"{', '.join(PARTS)}"
-            )
-        if not isinstance(data, dict):
-            raise ExpflowError(
-                f"sweep space file {str(path)!r} must hold a mapping at the top level, "
-                f"not a {type(data).__name__}"
-            )
+        data = read_mapping(
+            path,
+            "sweep space file",
+            f"expected a mapping with keys among {', '.join(PARTS)}",
+            loader=_yaml_loader(),
+        )
         return cls.from_dict(data)
 
     @classmethod
