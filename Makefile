@@ -18,6 +18,7 @@ EXPFLOW := $(VENV)/bin/expflow
 PREFECT := $(VENV)/bin/prefect
 PORT ?= 4200
 POOL ?= expflow-local
+SLURM_POOL ?= expflow-slurm
 
 export EXPFLOW_HOME ?= $(HOME)/.expflow
 export PREFECT_HOME ?= $(EXPFLOW_HOME)/prefect
@@ -26,7 +27,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_CLI_PROMPT ?= false
 API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: install install-dev demo test bench lint format server server-stop deploy worker slurm-up slurm-down clean
+.PHONY: install install-dev demo test bench lint format server server-stop deploy worker worker-slurm slurm-up slurm-down clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -85,10 +86,17 @@ server-stop: $(VENV)/.installed
 deploy: server
 	PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool inspect $(POOL) >/dev/null 2>&1 || \
 		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(POOL) --type process
+	PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool inspect $(SLURM_POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(SLURM_POOL) --type slurm
 	PREFECT_API_URL=$(API_URL) $(PREFECT) deploy --all
 
 worker: server
 	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(POOL) --type process
+
+# Serves the `expflow-slurm` pool: each flow run becomes an sbatch job. Run it where
+# sbatch/scontrol/scancel work (a login node); SLURM_CONF as your cluster needs.
+worker-slurm: server
+	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(SLURM_POOL) --type slurm
 
 slurm-up:
 	./scripts/slurm-up.sh

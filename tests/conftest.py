@@ -7,7 +7,9 @@ user's ~/.expflow or ~/.prefect, and Dask worker processes inherit it.
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,35 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("EXPFLOW_RUNS_ROOT", raising=False)
     monkeypatch.delenv("EXPFLOW_DATA_DIR", raising=False)
     return h
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node Slurm (scripts/slurm-up.sh), shared by the session and
+    stopped at its end; SLURM_CONF set for this process and its children."""
+    t0 = time.monotonic()
+    up = subprocess.run(
+        [str(TESTS_DIR.parent / "scripts" / "slurm-up.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = up.stdout.strip().splitlines()
+    skip = [line for line in out if line.startswith("SKIP:")]
+    conf = [line for line in out if line.startswith("export SLURM_CONF=")]
+    if up.returncode != 0 or skip or not conf:
+        reason = skip[0] if skip else (up.stderr.strip().splitlines() or ["slurm-up.sh failed"])[-1]
+        pytest.skip(f"no Slurm: {reason}")
+    print(f"slurm-up.sh took {time.monotonic() - t0:.1f} s")
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf[-1].split("=", 1)[1]
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        subprocess.run(
+            [str(TESTS_DIR.parent / "scripts" / "slurm-down.sh")], capture_output=True, timeout=60
+        )

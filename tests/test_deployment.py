@@ -103,6 +103,7 @@ def prefect(server, *args: str, timeout: float = 180) -> str:
 def deployed(server):
     """The work pool and every deployment of prefect.yaml, registered as `make deploy` does."""
     prefect(server, "work-pool", "create", "expflow-local", "--type", "process")
+    prefect(server, "work-pool", "create", "expflow-slurm", "--type", "slurm")
     prefect(server, "deploy", "--all")
     return server
 

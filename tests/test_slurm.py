@@ -15,32 +15,6 @@ from expflow_flows.errors import ExpflowError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """A running Slurm; SLURM_CONF set for this process and its children."""
-    t0 = time.monotonic()
-    up = subprocess.run(
-        [str(ROOT / "scripts" / "slurm-up.sh")], capture_output=True, text=True, timeout=600
-    )
-    out = up.stdout.strip().splitlines()
-    skip = [line for line in out if line.startswith("SKIP:")]
-    conf = [line for line in out if line.startswith("export SLURM_CONF=")]
-    if up.returncode != 0 or skip or not conf:
-        reason = skip[0] if skip else (up.stderr.strip().splitlines() or ["slurm-up.sh failed"])[-1]
-        pytest.skip(f"no Slurm: {reason}")
-    print(f"slurm-up.sh took {time.monotonic() - t0:.1f} s")
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf[-1].split("=", 1)[1]
-    try:
-        yield os.environ["SLURM_CONF"]
-    finally:
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-        subprocess.run([str(ROOT / "scripts" / "slurm-down.sh")], capture_output=True, timeout=60)
-
-
 def _job_state(job: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     for word in out.split():
