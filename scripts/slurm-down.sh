@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the test Slurm started by slurm-up.sh: slurmd, slurmctld, and munged only if
+# Stop the test Slurm started by slurm-up.sh: slurmd, slurmctld, slurmdbd, and munged only if
 # slurm-up.sh started it. By pid; SIGKILL after a few seconds.
 set -euo pipefail
 
@@ -13,7 +13,7 @@ stop() {  # stop PID
   kill -9 "$pid" 2>/dev/null || true
 }
 
-for d in slurmd slurmctld; do
+for d in slurmd slurmctld slurmdbd; do
   if [ -f "$DIR/$d.pid" ]; then
     stop "$(cat "$DIR/$d.pid")"
     rm -f "$DIR/$d.pid"

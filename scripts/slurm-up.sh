@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Start a loopback-only, single-node Slurm (munged, slurmctld, slurmd) for tests.
+# Start a loopback-only, single-node Slurm (munged, slurmctld, slurmd) for tests,
+# with accounting (slurmdbd on the local MariaDB, so `sacct` works) when a MariaDB
+# answers on loopback as root; without one, accounting stays off.
 # Idempotent: reuses a Slurm already running with our config. Prints the
 # `export SLURM_CONF=...` line clients need (also written to $EXPFLOW_SLURM_DIR/env).
 # When Slurm cannot be installed or started it prints one line starting with
@@ -12,7 +14,7 @@ CONF="$DIR/slurm.conf"
 skip() { echo "SKIP: $*"; exit 0; }
 
 need_install=0
-for b in slurmctld slurmd sinfo munged; do
+for b in slurmctld slurmd sinfo munged slurmdbd; do
   command -v "$b" >/dev/null 2>&1 || need_install=1
 done
 if [ "$need_install" = 1 ]; then
@@ -20,8 +22,8 @@ if [ "$need_install" = 1 ]; then
   command -v apt-get >/dev/null 2>&1 || skip "Slurm is not installed and there is no apt-get"
   if ! { apt-get update -qq >/dev/null 2>&1 &&
          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-           slurmctld slurmd slurm-client munge >/dev/null 2>&1; }; then
-    skip "apt-get install of slurmctld slurmd slurm-client munge failed"
+           slurmctld slurmd slurm-client munge slurmdbd >/dev/null 2>&1; }; then
+    skip "apt-get install of slurmctld slurmd slurm-client munge slurmdbd failed"
   fi
 fi
 [ "$(id -u)" = 0 ] || skip "starting slurmctld/slurmd here needs root (SlurmUser=root)"
@@ -34,9 +36,44 @@ alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # Reuse a Slurm from an earlier run with our config.
 if alive "$DIR/slurmctld.pid" && alive "$DIR/slurmd.pid" &&
+   { [ ! -f "$DIR/accounting" ] || alive "$DIR/slurmdbd.pid"; } &&
    sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
   echo "export SLURM_CONF=$CONF"
   exit 0
+fi
+
+# Accounting: slurmdbd on the local MariaDB (root, empty password, on loopback).
+acct="AccountingStorageType=accounting_storage/none"
+rm -f "$DIR/accounting"
+sql() { mariadb -uroot -h127.0.0.1 --connect-timeout=3 -e "$1" >/dev/null 2>&1; }
+if command -v slurmdbd >/dev/null && command -v mariadb >/dev/null && sql "SELECT 1"; then
+  dbpass="expflow-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+  sql "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+       CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$dbpass';
+       ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$dbpass';
+       GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" && {
+    umask 077
+    cat > "$DIR/slurmdbd.conf" <<DBDEOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=6819
+SlurmUser=root
+PidFile=$DIR/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=3306
+StorageUser=slurm
+StoragePass=$dbpass
+StorageLoc=slurm_acct_db
+DBDEOF
+    umask 022
+    acct="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=6819"
+    touch "$DIR/accounting"
+  }
 fi
 
 mem_mb=$(awk '/MemTotal/ {printf "%d", $2/1024*0.9}' /proc/meminfo)
@@ -57,7 +94,7 @@ KillWait=5
 MailProg=/bin/true
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+$acct
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -89,15 +126,23 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # Stale daemons of ours (one alive, the other dead): stop them before starting again.
-for d in slurmd slurmctld; do
+for d in slurmd slurmctld slurmdbd; do
   if alive "$DIR/$d.pid"; then kill "$(cat "$DIR/$d.pid")" 2>/dev/null || true; sleep 1; fi
 done
-for port in 6817 6818; do
+for port in 6817 6818 6819; do
   if command -v ss >/dev/null && ss -ltn "sport = :$port" 2>/dev/null | grep -q LISTEN; then
-    skip "port $port is in use by another program; Slurm needs 6817-6818 free"
+    skip "port $port is in use by another program; Slurm needs 6817-6819 free"
   fi
 done
 
+if [ -f "$DIR/accounting" ]; then
+  slurmdbd || skip "slurmdbd failed to start (see $DIR/log/slurmdbd.log)"
+  for _ in $(seq 100); do
+    ss -ltn "sport = :6819" 2>/dev/null | grep -q LISTEN && break
+    sleep 0.1
+  done
+  sacctmgr -i add cluster expflow >/dev/null 2>&1 || true
+fi
 slurmctld -f "$CONF" || skip "slurmctld failed to start (see $DIR/log/slurmctld.log)"
 slurmd -f "$CONF" -N localhost || skip "slurmd failed to start (see $DIR/log/slurmd.log)"
 

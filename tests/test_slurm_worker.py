@@ -34,6 +34,7 @@ from expflow_flows.workers.slurm import (
     JobInfo,
     SlurmJobConfiguration,
     SlurmWorker,
+    accounting_info,
     end_message,
     job_environment,
     parse_scontrol,
@@ -176,6 +177,35 @@ def test_end_states_read_as_what_happened(tmp_path):
 
 
 # --- end to end on a real Slurm -----------------------------------------------------
+
+
+def test_accounting_remembers_how_jobs_ended(slurm, tmp_path):
+    """After slurmctld forgets a job (MinJobAge), the worker asks sacct (slurmdbd on the
+    local MariaDB, set up by scripts/slurm-up.sh)."""
+    if not Path(slurm).with_name("accounting").exists():
+        pytest.skip("no accounting: scripts/slurm-up.sh found no MariaDB on loopback")
+
+    def sbatch(*args: str) -> str:
+        out = subprocess.run(
+            ["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    ok, bad, long = sbatch("--wrap=true"), sbatch("--wrap=exit 3"), sbatch("--wrap=sleep 60")
+    wait_job(long, {"RUNNING"}, timeout=30)
+    subprocess.run(["scancel", long], check=True)
+    want = {ok: ("COMPLETED", 0), bad: ("FAILED", 3), long: ("CANCELLED", 0)}
+    deadline = time.monotonic() + 30
+    while True:
+        seen = {job: asyncio.run(accounting_info(job)) for job in want}
+        got = {job: (i.state, i.exit_code) if i else None for job, i in seen.items()}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want
 
 
 def _deploy(srv, entrypoint: str, name: str, *extra: str) -> None:

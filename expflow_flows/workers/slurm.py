@@ -379,12 +379,20 @@ async def job_info(job_id: str) -> JobInfo | None:
         )
     if "invalid job id" not in (err + out).lower():
         return None  # slurmctld unreachable or similar: ask again later
+    # slurmctld forgets finished jobs after MinJobAge (300 s by default); accounting
+    # remembers them.
+    return await accounting_info(job_id) or JobInfo(job_id, "UNKNOWN")
+
+
+async def accounting_info(job_id: str) -> JobInfo | None:
+    """The job as ``sacct`` records it; None without accounting or a record."""
     code, out, _ = await _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"])
-    if code == 0 and out.strip():
-        state, _, exit_text = out.strip().splitlines()[0].partition("|")
-        exit_code, sig = _exit(exit_text)
-        return JobInfo(job_id, state.split()[0] if state else "UNKNOWN", exit_code, sig)
-    return JobInfo(job_id, "UNKNOWN")
+    if code != 0 or not out.strip():
+        return None
+    state, _, exit_text = out.strip().splitlines()[0].partition("|")
+    exit_code, sig = _exit(exit_text)
+    # "CANCELLED by 0" names who cancelled; the state is the first word.
+    return JobInfo(job_id, state.split()[0] if state.strip() else "UNKNOWN", exit_code, sig)
 
 
 async def cancel_job(job_id: str) -> None:
