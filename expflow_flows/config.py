@@ -48,6 +48,9 @@ class PipelineConfig:
     submit_to: str | None = None
     submission_name: str | None = None
     predictions: str = "pred.hdf5"
+    # Mirror the run to tracking tools, e.g. {clearml: {project: pde}, langfuse: {}}
+    # (expflow_flows.tracking); empty: none.
+    tracking: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resolved_study_name(self) -> str:

@@ -34,6 +34,8 @@ from expflow_flows.rundir import RunDir, new_run_id
 from expflow_flows.runners import make_task_runner
 from expflow_flows.secrets import scrub
 from expflow_flows.space import SearchSpace
+from expflow_flows.tracking import RunContext, StepRecord, Tracking
+from expflow_flows.tracking import active as active_tracking
 from expflow_flows.trainable import RunResult, Trainable, run_trainable
 
 
@@ -179,10 +181,13 @@ def _hpo(
             refresh()
         future = next(as_completed(list(in_flight)))
         trial = in_flight.pop(future)
+        result: RunResult | None = None
         try:
-            outcome = hpo.tell_result(study, trial, _result(future.result()), cfg.objective)
+            result = _result(future.result())
+            outcome = hpo.tell_result(study, trial, result, cfg.objective)
         except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
             outcome = hpo.tell_result(study, trial, None, cfg.objective, error=str(exc))
+        active_tracking().record(_trial_record(cfg, trial, result, outcome))
         counts.complete += outcome == "complete"
         counts.pruned += outcome == "pruned"
         counts.failed += outcome == "fail"
@@ -220,6 +225,41 @@ def _hpo(
         "trials": rows,
         "report": str(report),
     }
+
+
+def _is_script(trainable: str) -> bool:
+    return str(trainable).endswith(".py")
+
+
+def _step_record(
+    kind: str, name: str, params: dict[str, Any], result: RunResult, cfg
+) -> StepRecord:
+    return StepRecord(
+        kind=kind,
+        name=name,
+        params=dict(params),
+        status=result.status,
+        metrics=dict(result.metrics),
+        intermediate=list(result.intermediate),
+        started=time.time() - result.wall_s,
+        wall_s=result.wall_s,
+        run_dir=result.run_dir,
+        script=_is_script(cfg.train if kind != "evaluate" else cfg.evaluate),
+        reason=result.reason,
+    )
+
+
+def _trial_record(cfg: PipelineConfig, trial: Any, result: RunResult | None, outcome: str):
+    params = {**cfg.params, **trial.params}
+    name = f"trial-{trial.number:04d}"
+    if result is None:
+        record = StepRecord("trial", name, params, "failed", reason="the trial's worker was lost")
+        record.script = _is_script(cfg.train)
+    else:
+        record = _step_record("trial", name, params, result, cfg)
+        record.status = {"complete": result.status, "fail": "failed"}.get(outcome, outcome)
+    record.number = trial.number
+    return record
 
 
 def _fail_abandoned_trials(study: Any, current_run: str) -> None:
@@ -302,8 +342,12 @@ def pipeline(
     submission_name: str | None = None,
     force: bool = False,
     offpeak: dict[str, Any] | None = None,
+    tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it.
+
+    ``tracking`` (e.g. ``{clearml: {project: pde}, langfuse: {}}``) mirrors the run to
+    tracking tools (see ``expflow_flows.tracking``).
 
     ``offpeak`` (e.g. ``{windows: ['22:00-08:00'], timezone: Europe/Berlin}``) moves a run
     triggered in peak hours to the next off-peak window.
@@ -323,6 +367,7 @@ def pipeline(
             parallelism=parallelism,
             runner=runner,
             dask_address=dask_address,
+            tracking=tracking,
             slurm=slurm,
             hpo_budget=hpo_budget,
             final_budget=final_budget,
@@ -348,16 +393,22 @@ def pipeline(
 
 def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     _, gate_list = _preflight(cfg, force)
+    # Before any work: a tracking tool asked for but not installed is one clear line.
+    tracking = Tracking.from_settings(cfg.tracking)
     run_dir = RunDir.create(runs_root() / cfg.experiment / new_run_id("pipeline"))
-    try:
-        return _stages(cfg, force, gate_list, run_dir)
-    except ExpflowError as exc:
-        run_dir.write_status("failed", str(exc))
-        raise
+    with tracking:
+        try:
+            return _stages(cfg, force, gate_list, run_dir, tracking)
+        except Exception as exc:
+            if isinstance(exc, ExpflowError):
+                run_dir.write_status("failed", str(exc))
+            if not isinstance(exc, GateFailed):  # a failed gate was reported with its metrics
+                tracking.run_finished("failed", {}, {}, str(exc))
+            raise
 
 
 def _stages(
-    cfg: PipelineConfig, force: bool, gate_list: list[Any], run_dir: RunDir
+    cfg: PipelineConfig, force: bool, gate_list: list[Any], run_dir: RunDir, tracking: Tracking
 ) -> dict[str, Any]:
     logger = get_run_logger()
     experiment_dir = run_dir.path.parent
@@ -365,6 +416,16 @@ def _stages(
     environment = capture_environment()
     run_dir.write_metadata({"flow_run_id": str(flow_run.get_id() or ""), **environment})
     logger.info("pipeline %s: run folder %s", cfg.experiment, run_dir.path)
+    tracking.run_started(
+        RunContext(
+            kind="pipeline",
+            name=cfg.experiment,
+            run_dir=run_dir.path,
+            params=scrub(cfg.to_dict()),
+            flow_run_id=str(flow_run.get_id() or ""),
+            flow_run_url=flow_run.get_flow_run_ui_url(),
+        )
+    )
 
     # --- HPO: a nested flow so its task runner can follow this run's parameters.
     task_runner = make_task_runner(
@@ -391,6 +452,7 @@ def _stages(
             arg_style=cfg.arg_style,
         )
     )
+    tracking.record(_step_record("train", "train", best_params, trained, cfg))
     if not trained.ok:
         raise ExpflowError(
             f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
@@ -406,6 +468,11 @@ def _stages(
             arg_style=cfg.arg_style,
         )
     )
+    evaluation = _step_record("evaluate", "evaluate", best_params, evaluated, cfg)
+    predictions = evaluated.run_dir / cfg.predictions
+    if predictions.is_file():
+        evaluation.artifacts[cfg.predictions] = predictions
+    tracking.record(evaluation)
     if not evaluated.ok:
         raise ExpflowError(
             f"evaluation failed: {evaluated.reason} (log: {evaluated.run_dir / 'output.log'})"
@@ -470,8 +537,16 @@ def _stages(
         markdown=_outputs_markdown(summary),
         description="Where this pipeline run's outputs are",
     )
+    artifacts = {"summary.json": run_dir.path / "summary.json"}
+    if study.get("report"):
+        artifacts["report"] = Path(study["report"])
+    if bundle is not None:
+        artifacts["submission"] = bundle
+    message = "; ".join(r.message for r in failed)
+    tracking.run_finished("gate-failed" if failed else "ok", evaluated.metrics, artifacts, message)
+    summary["tracking_warnings"] = list(tracking.warnings)
     if failed:
-        raise GateFailed("; ".join(r.message for r in failed) + " (nothing was submitted)")
+        raise GateFailed(message + " (nothing was submitted)")
     run_dir.write_status("ok")
     return summary
 

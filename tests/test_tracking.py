@@ -1,0 +1,81 @@
+"""The tracking fan-out: what a pipeline run tells each tracking tool, and how a tool
+that is missing or breaks is handled (expflow_flows.tracking)."""
+
+from __future__ import annotations
+
+import pytest
+import sample_trackers
+from test_pipeline import run_pipeline
+
+from expflow_flows import tracking
+from expflow_flows.errors import ExpflowError, GateFailed
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    monkeypatch.setitem(tracking.ADAPTERS, "recorder", "sample_trackers:Recorder")
+    monkeypatch.setitem(tracking.ADAPTERS, "broken", "sample_trackers:Broken")
+    sample_trackers.EVENTS.clear()
+    return sample_trackers.EVENTS
+
+
+def test_pipeline_tells_the_tracker_every_stage(prefect_harness, home, tmp_path, recorder):
+    summary = run_pipeline(tmp_path, n_trials=4, tracking={"recorder": {"label": "x"}})
+    kinds = [e[0] for e in recorder]
+    assert kinds[0] == "started" and kinds[-2:] == ["finished", "closed"]
+    context = recorder[0][1]
+    assert context.kind == "pipeline" and context.name == "quad"
+    assert context.flow_run_id and context.flow_run_url.startswith("http")
+    steps = [e[1] for e in recorder if e[0] == "record"]
+    trials = [s for s in steps if s.kind == "trial"]
+    assert sorted(s.number for s in trials) == [0, 1, 2, 3]
+    assert all(s.status == "ok" and "loss" in s.metrics and s.run_dir for s in trials)
+    train, evaluate = steps[-2:]
+    assert (train.kind, evaluate.kind) == ("train", "evaluate")
+    assert evaluate.metrics["test_loss"] == summary["metrics"]["test_loss"]
+    assert evaluate.artifacts["pred.hdf5"].is_file()
+    status, metrics, artifacts, _ = recorder[-2][1]
+    assert status == "ok" and metrics == summary["metrics"]
+    assert artifacts["submission"].name == "quad-1" and artifacts["report"].is_file()
+
+
+def test_a_failed_gate_is_reported_once_with_the_metrics(prefect_harness, home, tmp_path, recorder):
+    with pytest.raises(GateFailed):
+        run_pipeline(tmp_path, n_trials=2, gates=["test_loss:lt:-1"], tracking={"recorder": {}})
+    finished = [e[1] for e in recorder if e[0] == "finished"]
+    assert len(finished) == 1
+    status, metrics, _, message = finished[0]
+    assert status == "gate-failed" and "test_loss" in metrics and "test_loss" in message
+
+
+def test_a_breaking_tool_is_switched_off_and_the_run_goes_on(
+    prefect_harness, home, tmp_path, recorder
+):
+    summary = run_pipeline(
+        tmp_path, n_trials=2, submit=False, tracking={"broken": {}, "recorder": {}}
+    )
+    assert summary["metrics"]["test_loss"] >= 0
+    assert len(summary["tracking_warnings"]) == 1
+    assert "broken tracking failed in record" in summary["tracking_warnings"][0]
+    assert "tracking server went away" in summary["tracking_warnings"][0]
+    # The other tool saw the whole run.
+    assert [e[0] for e in recorder][-2:] == ["finished", "closed"]
+
+
+def test_unknown_tool_or_bad_settings_stop_the_run_before_any_work(
+    prefect_harness, home, tmp_path, recorder
+):
+    with pytest.raises(ExpflowError, match="tracking tool 'mlflow' is not known; accepted:"):
+        run_pipeline(tmp_path, tracking={"mlflow": {}})
+    with pytest.raises(ExpflowError, match="tracking.recorder: .*unexpected keyword"):
+        run_pipeline(tmp_path, tracking={"recorder": {"colour": "red"}})
+    assert recorder == []
+    assert not (tmp_path / "journal.log").exists()
+
+
+def test_missing_sdk_names_the_extra(monkeypatch):
+    with pytest.raises(ExpflowError) as err:
+        tracking.require_sdk("no_such_sdk_xyz", "clearml", "ClearML tracking")
+    assert str(err.value) == (
+        "ClearML tracking needs the no_such_sdk_xyz package: pip install 'expflow-flows[clearml]'"
+    )
