@@ -19,6 +19,7 @@ PREFECT := $(VENV)/bin/prefect
 PORT ?= 4200
 POOL ?= expflow-local
 SLURM_POOL ?= expflow-slurm
+CLEARML_POOL ?= expflow-clearml
 
 export EXPFLOW_HOME ?= $(HOME)/.expflow
 export PREFECT_HOME ?= $(EXPFLOW_HOME)/prefect
@@ -27,7 +28,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_CLI_PROMPT ?= false
 API_URL := http://127.0.0.1:$(PORT)/api
 
-.PHONY: install install-dev demo test bench lint format server server-stop deploy worker worker-slurm slurm-up slurm-down clean
+.PHONY: install install-dev demo test bench lint format server server-stop deploy worker worker-slurm worker-clearml slurm-up slurm-down clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,7 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_cli.py
 	$(PY) benchmarks/bench_pin.py
 	$(PY) benchmarks/bench_hpo.py
 	$(PY) benchmarks/bench_sweep.py
@@ -88,6 +90,8 @@ deploy: server
 		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(POOL) --type process
 	PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool inspect $(SLURM_POOL) >/dev/null 2>&1 || \
 		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(SLURM_POOL) --type slurm
+	PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool inspect $(CLEARML_POOL) >/dev/null 2>&1 || \
+		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(CLEARML_POOL) --type clearml
 	PREFECT_API_URL=$(API_URL) $(PREFECT) deploy --all
 
 worker: server
@@ -97,6 +101,11 @@ worker: server
 # sbatch/scontrol/scancel work (a login node); SLURM_CONF as your cluster needs.
 worker-slurm: server
 	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(SLURM_POOL) --type slurm
+
+# Serves the `expflow-clearml` pool: each flow run becomes a ClearML task on a queue that
+# clearml-agent serves. Needs ~/clearml.conf (or CLEARML_API_HOST and CLEARML_API_*_KEY).
+worker-clearml: server
+	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(CLEARML_POOL) --type clearml
 
 slurm-up:
 	./scripts/slurm-up.sh

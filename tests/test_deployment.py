@@ -104,6 +104,7 @@ def deployed(server):
     """The work pool and every deployment of prefect.yaml, registered as `make deploy` does."""
     prefect(server, "work-pool", "create", "expflow-local", "--type", "process")
     prefect(server, "work-pool", "create", "expflow-slurm", "--type", "slurm")
+    prefect(server, "work-pool", "create", "expflow-clearml", "--type", "clearml")
     prefect(server, "deploy", "--all")
     return server
 
