@@ -209,8 +209,9 @@ def main() -> None:
         say(metadata_overhead())
         say(metadata_size())
         time.sleep(3)
-    out = HERE.parent / "BENCHMARKS.md"
-    out.write_text("\n".join(lines) + "\n")
+    from mdreport import write_section
+
+    out = write_section("Sweeps", [line for line in lines if not line.startswith("# ")])
     print(f"\nwritten to {out}")
 
 
