@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from expflow_flows.cli_langfuse import langfuse_app
 from expflow_flows.errors import ExpflowError
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(audit_app, name="audit")
 app.add_typer(sweep_app, name="sweep")
 app.add_typer(package_app, name="package")
+app.add_typer(langfuse_app, name="langfuse")
 
 DEMO_CONFIG = Path(__file__).parent / "pde" / "demo.yaml"
 
@@ -687,8 +689,15 @@ def compare(
     limit: int = typer.Option(50, help="Show at most this many ranked rows."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     csv_out: bool = typer.Option(False, "--csv", help="Print CSV."),
+    source: str = typer.Option("ledger", help="Where experiments come from: ledger or clearml."),
+    project: str | None = typer.Option(
+        None, help="ClearML project to read (with --source clearml; sub-projects included)."
+    ),
+    tag: list[str] | None = typer.Option(
+        None, help="Only ClearML tasks with this tag (repeatable; with --source clearml)."
+    ),
 ) -> None:
-    """Rank experiments from the ledger by a metric, filtered by gates."""
+    """Rank experiments from the ledger (or ClearML tasks) by a metric, filtered by gates."""
     from expflow_flows.compare import rank
     from expflow_flows.gates import parse_gates
     from expflow_flows.ledger import Ledger
@@ -696,7 +705,17 @@ def compare(
 
     try:
         gates = parse_gates(list(gate or []))
-        rows = Ledger().list(state=state or None, name=name, limit=None)
+        if source == "ledger":
+            rows = Ledger().list(state=state or None, name=name, limit=None)
+        elif source == "clearml":
+            if not project:
+                raise ExpflowError("--source clearml needs --project (a ClearML project name)")
+            from expflow_flows.integrations.clearml import read_tasks
+
+            rows = read_tasks(project, tags=list(tag or []))
+            rows = [r for r in rows if name is None or r.name == name]
+        else:
+            raise ExpflowError(f"--source {source!r}: expected ledger or clearml")
         direction = None if ascending is None else ("minimize" if ascending else "maximize")
         ranking = rank(rows, metric, registry=load_registry(), direction=direction, gates=gates)
     except ExpflowError as exc:
@@ -724,10 +743,13 @@ def compare(
     from rich.table import Table
 
     table = Table(title=f"Experiments by {ranking.metric} ({ranking.direction})")
-    for col in ("rank", "id", "name", "state", ranking.metric):
+    # What research agents spent on LLM calls, next to any metric it is ranked by.
+    llm = ranking.metric != "llm_cost_usd" and any("llm_cost_usd" in r for r in ranking.rows)
+    for col in ("rank", "id", "name", "state", ranking.metric, *(["LLM $"] if llm else [])):
         table.add_column(col, overflow="fold")
     for r in ranking.rows:
-        table.add_row(str(r["rank"]), r["id"], r["name"], r["state"], f"{r['value']:.6g}")
+        cost = [f"{r['llm_cost_usd']:.4f}" if "llm_cost_usd" in r else "-"] if llm else []
+        table.add_row(str(r["rank"]), r["id"], r["name"], r["state"], f"{r['value']:.6g}", *cost)
     console = Console()
     console.print(table)
     if ranking.excluded:
@@ -1042,6 +1064,21 @@ def system_status(json_out: bool = typer.Option(False, "--json", help="Print JSO
     for r in rows:
         table.add_row(r["part"], r["state"], r["detail"])
     Console().print(table)
+
+
+@app.command("mcp")
+def mcp_serve() -> None:
+    """Serve research agents over the Model Context Protocol on stdio (the mcp extra)."""
+    from expflow_flows.tracking import require_sdk
+
+    try:
+        require_sdk("mcp", "mcp", "expflow mcp")
+    except ExpflowError as exc:
+        fail(str(exc))
+        return
+    from expflow_flows.mcp_server import serve
+
+    serve()
 
 
 def main() -> None:

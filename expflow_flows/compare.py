@@ -44,8 +44,11 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _metric_value(metrics: dict[str, Any], metric: str) -> float | None:
-    """A metric by full name or by the part after its group (``PDE/nrmse`` → ``nrmse``)."""
-    for key in (metric, metric.rsplit("/", 1)[-1]):
+    """A metric by full name or by the part after its group (``PDE/nrmse`` → ``nrmse``),
+    and a bare name finds the one grouped key that ends in it (ClearML's ``Group/Metric``)."""
+    short = metric.rsplit("/", 1)[-1]
+    grouped = [k for k in metrics if "/" not in metric and k.rsplit("/", 1)[-1] == short]
+    for key in (metric, short, *(grouped if len(grouped) == 1 else [])):
         value = metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -63,8 +66,10 @@ def rank(
     """Rank by ``metric`` (direction from the registry unless given); gates filter, failing closed."""
     experiments = list(experiments)
     seen = {k for e in experiments for k in (e.metrics or {})}
+    seen |= {k.rsplit("/", 1)[-1] for k in seen}
     short = metric.rsplit("/", 1)[-1]
-    if metric not in registry and short not in seen and metric not in seen:
+    # With no experiments at all there is nothing to check the name against.
+    if experiments and metric not in registry and short not in seen and metric not in seen:
         known = sorted(set(registry.names()) | seen)
         raise ExpflowError(f"metric {metric!r} is not known; known metrics: {', '.join(known)}")
     if direction is None:

@@ -193,6 +193,14 @@ BUILTIN: tuple[MetricSpec, ...] = (
     _spec("epochs", "Train", type="int", description="epochs run"),
     _spec("n_params", "Model", type="int", description="trainable parameters of the model"),
     _spec("n_test", "Data", "maximize", type="int", description="test samples evaluated"),
+    _spec(
+        "llm_cost_usd",
+        "LLM",
+        description="USD spent on LLM calls by the run's trials and stages (llm_calls.jsonl)",
+    ),
+    _spec(
+        "llm_calls", "LLM", type="int", description="LLM calls made by the run's trials and stages"
+    ),
 )
 
 

@@ -11,6 +11,9 @@ A trainable is named by a string:
   ``EXPFLOW_METRICS_FILE`` or prints ``EXPFLOW_METRIC name=value`` lines;
   ``EXPFLOW_METRIC step=N name=value`` lines are intermediate values.
 
+Either kind can record the LLM calls it makes (``run.log_llm_call(...)`` or an
+``EXPFLOW_LLM {json}`` line; see :mod:`expflow_flows.llm_calls`).
+
 Every run writes its run directory (see :mod:`expflow_flows.rundir`) and ends in
 one status: ok, warning (ok, but the log holds warnings), pruned (stopped early
 by the pruner) or failed (with the reason). A failure is never silent.
@@ -39,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from expflow_flows import llm_calls
 from expflow_flows.errors import ExpflowError
 from expflow_flows.rundir import RunDir
 
@@ -172,6 +176,16 @@ class RunContext:
         if self.hook is not None and self.hook(int(step), clean):
             raise Pruned(f"pruned at step {step}")
 
+    def log_llm_call(
+        self, model: str, input: Any = None, output: Any = None, **fields: Any
+    ) -> None:
+        """Record one LLM call (usage, cost_usd, name, started/ended or latency_s, metadata…).
+
+        It goes to ``llm_calls.jsonl`` in the run folder; a bad field is an ExpflowError.
+        """
+        call = llm_calls.normalise({"model": model, "input": input, "output": output, **fields})
+        llm_calls.append(self.run_dir, call)
+
 
 @dataclass
 class RunResult:
@@ -186,6 +200,8 @@ class RunResult:
     wall_s: float = 0.0
     cpu_s: float | None = None
     peak_rss_mb: float | None = None
+    llm_calls: int = 0
+    llm_cost_usd: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -316,6 +332,9 @@ def run_trainable(
         status = "warning"
     ended = time.time()
     meta.update({"ended_at": ended, "wall_s": round(ended - started, 3), "status": status})
+    llm = llm_calls.summarize([rd.path])
+    if llm.calls:
+        meta["llm"] = llm.to_dict()
     rd.write_metrics(metrics)
     rd.write_intermediate(intermediate)
     rd.write_metadata(meta)
@@ -330,6 +349,8 @@ def run_trainable(
         wall_s=round(ended - started, 3),
         cpu_s=meta.get("cpu_s"),
         peak_rss_mb=meta.get("peak_rss_mb"),
+        llm_calls=llm.calls,
+        llm_cost_usd=round(llm.cost_usd, 10),
     )
 
 
@@ -511,6 +532,7 @@ def _run_script(
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
+            _record_llm_line(line, rd, log)
             parsed = parse_metric_line(line)
             if parsed is None:
                 continue
@@ -566,6 +588,17 @@ def _run_script(
             meta,
         )
     return _script_outcome("ok", "", metrics, intermediate, meta)
+
+
+def _record_llm_line(line: str, rd: RunDir, log: Any) -> None:
+    """Keep an ``EXPFLOW_LLM`` call; a malformed one is a warning in the log, not a crash."""
+    try:
+        call = llm_calls.parse_line(line)
+    except ExpflowError as exc:
+        log.write(f"warning: expflow ignored an EXPFLOW_LLM line: {exc}\n")
+        return
+    if call is not None:
+        llm_calls.append(rd.path, call)
 
 
 def _script_outcome(

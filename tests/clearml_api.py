@@ -159,6 +159,7 @@ class ClearMLApiServer:
         self.history: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.calls: list[str] = []
         self.unknown_endpoints: list[str] = []
+        self.files: dict[str, bytes] = {}  # the files server: path -> uploaded body
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -212,7 +213,7 @@ class ClearMLApiServer:
             "api {\n"
             f'  api_server: "{self.url}"\n'
             f'  web_server: "{self.url}"\n'
-            f'  files_server: "{self.url}"\n'
+            f'  files_server: "{self.url}/files"\n'
             "  credentials {\n"
             f'    access_key: "{self.access_key}"\n'
             f'    secret_key: "{self.secret_key}"\n'
@@ -300,6 +301,9 @@ class ClearMLApiServer:
 
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         parsed = urlsplit(request.path)
+        if parsed.path == "/files" or parsed.path.startswith("/files/"):
+            self._file(request, parsed.path[len("/files/") :])
+            return
         endpoint = parsed.path.rstrip("/").rsplit("/", 1)[-1]
         version = parsed.path.strip("/").split("/")[0] if parsed.path.count("/") > 1 else ""
         length = int(request.headers.get("Content-Length") or 0)
@@ -329,6 +333,28 @@ class ClearMLApiServer:
         out = json.dumps(body, default=str).encode()
         request.send_response(status)
         request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(out)))
+        request.end_headers()
+        request.wfile.write(out)
+
+    def _file(self, request: BaseHTTPRequestHandler, path: str) -> None:
+        """The files server: artifacts the SDK uploads (stored whole, multipart and all)
+        and hands back on GET."""
+        length = int(request.headers.get("Content-Length") or 0)
+        raw = request.rfile.read(length) if length else b""
+        with self._lock:
+            if request.command in ("POST", "PUT"):
+                # The SDK POSTs multipart to the files server's root, naming the object's
+                # path in the part's form field.
+                named = re.search(rb'name="([^"]+)"', raw[:4096])
+                key = named.group(1).decode() if (not path and named) else path
+                self.files[key] = raw
+                status, out = 200, b"{}"
+            elif path in self.files:
+                status, out = 200, self.files[path]
+            else:
+                status, out = 404, b"{}"
+        request.send_response(status)
         request.send_header("Content-Length", str(len(out)))
         request.end_headers()
         request.wfile.write(out)

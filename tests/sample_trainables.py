@@ -123,3 +123,42 @@ def evaluate_step(params, run):
     _log_call(params, "evaluate")
     model = float((run.upstream / "model.txt").read_text())
     return {"score": model + 1}
+
+
+# --- LLM calls (a research agent inside a trainable) ---------------------------------
+
+AGENT_CALL_COST = 0.0015
+
+
+def agent_quadratic(params, run):
+    """quadratic(), after asking a (pretend) model for advice: one LLM call per run."""
+    x = float(params["x"])
+    run.log_llm_call(
+        model="gpt-test-mini",
+        name="advise",
+        input=[{"role": "user", "content": f"Is x={x:.3f} a good guess?"}],
+        output="Try something closer to 2.",
+        usage={"prompt_tokens": 12, "completion_tokens": 7},
+        cost_usd=AGENT_CALL_COST,
+        latency_s=0.25,
+        metadata={"api_key": "sk-agent-secret-123", "temperature_hint": "low"},
+    )
+    return quadratic(params, run)
+
+
+def agent_evaluate(params, run):
+    """evaluate_with_pred(), with one LLM call that writes the report."""
+    run.log_llm_call(
+        model="gpt-test-large",
+        name="write-report",
+        input={"prompt": "Summarise the evaluation", "token": "tok-should-not-leak"},
+        output="All good.",
+        usage={"input": 30, "output": 10},
+        cost_usd=2 * AGENT_CALL_COST,
+    )
+    return evaluate_with_pred(params, run)
+
+
+def agent_bad_usage(params, run):
+    run.log_llm_call(model="gpt-test-mini", usage={"input": -1})
+    return {"loss": 1.0}

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from expflow_flows import gates as gates_mod
-from expflow_flows import hpo, pin, progress, submission
+from expflow_flows import hpo, llm_calls, pin, progress, submission
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
@@ -153,6 +153,7 @@ def _hpo(
     refresh()
     in_flight: dict[Any, Any] = {}
     launched = 0
+    trial_dirs: list[str] = []  # this run's trials, whose LLM costs the experiment pays
     fixed = dict(cfg.params)
     flow_run_id = str(flow_run.get_id() or "")
     while launched < remaining or in_flight:
@@ -161,6 +162,7 @@ def _hpo(
             params = {**fixed, **space.suggest(trial)}
             trial.set_user_attr("flow_run_id", flow_run_id)
             run_dir = Path(experiment_dir) / f"hpo-t{trial.number:04d}-{new_run_id('')[1:]}"
+            trial_dirs.append(str(run_dir))
             future = run_trial.submit(
                 number=trial.number,
                 trial_id=trial._trial_id,
@@ -224,6 +226,7 @@ def _hpo(
         "failed": counts.failed,
         "trials": rows,
         "report": str(report),
+        "trial_dirs": trial_dirs,
     }
 
 
@@ -523,10 +526,12 @@ def _stages(
         bundle = submit_bundle(cfg, evaluated, best_params, study, force)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
+    llm = llm_calls.summarize([*study.get("trial_dirs", []), trained.run_dir, evaluated.run_dir])
+    summary["llm"] = llm.to_dict()
     summary["ledger_id"] = record_outputs(
         str(flow_run.get_id() or ""),
         params=best_params,
-        metrics=evaluated.metrics,
+        metrics={**evaluated.metrics, **llm.metrics()},
         run_dir=str(run_dir.path),
     )
     (run_dir.path / "summary.json").write_text(
