@@ -81,6 +81,9 @@ class Tracker:
     """What an adapter implements; every method may be left as this no-op."""
 
     name = "tracker"
+    # Sweeps record each combination only with adapters that ask for them: a sweep of
+    # 10,000 combinations must not become 10,000 spans or tasks by default.
+    wants_combinations = False
 
     def run_started(self, context: RunContext) -> None:
         """The run began: create the parent task / trace."""
@@ -144,26 +147,38 @@ class Tracking:
 
     def _each(self, method: str, *args: Any, **kwargs: Any) -> None:
         for adapter in list(self.adapters):
-            try:
-                getattr(adapter, method)(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - a mirror must not stop the run
-                message = (
-                    f"{adapter.name} tracking failed in {method} ({type(exc).__name__}: "
-                    f"{exc}); the run goes on without it"
-                )
-                log.warning("%s", message)
-                self.warnings.append(message)
+            self._each_of(adapter, method, *args, **kwargs)
+
+    def _each_of(self, adapter: Tracker, method: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            getattr(adapter, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a mirror must not stop the run
+            message = (
+                f"{adapter.name} tracking failed in {method} ({type(exc).__name__}: "
+                f"{exc}); the run goes on without it"
+            )
+            log.warning("%s", message)
+            self.warnings.append(message)
+            if adapter in self.adapters:
                 self.adapters.remove(adapter)
-                try:
-                    adapter.close()
-                except Exception:  # noqa: BLE001
-                    pass
+            try:
+                adapter.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def run_started(self, context: RunContext) -> None:
         self._each("run_started", context)
 
     def record(self, step: StepRecord) -> None:
+        if step.kind == "combination":
+            for adapter in [a for a in self.adapters if a.wants_combinations]:
+                self._each_of(adapter, "record", step)
+            return
         self._each("record", step)
+
+    @property
+    def wants_combinations(self) -> bool:
+        return any(a.wants_combinations for a in self.adapters)
 
     def run_finished(
         self,

@@ -31,3 +31,10 @@ class Broken(Tracker):
 
     def record(self, step):
         raise ConnectionError("tracking server went away")
+
+
+class ComboRecorder(Recorder):
+    """Asks for every sweep combination, as ClearML's table does."""
+
+    name = "combos"
+    wants_combinations = True

@@ -156,3 +156,36 @@ def test_offline_mode_refuses_a_task_per_step():
         ClearMLTracker(offline=True, steps="all")
     with pytest.raises(ExpflowError, match="steps='some'"):
         ClearMLTracker(steps="some")
+
+
+def test_offline_sweep_is_one_task_with_a_table_of_combinations(server, tmp_path):  # noqa: F811
+    conf = tmp_path / "clearml.conf"
+    conf.write_text(FAIL_FAST)
+    env = {**server["env"], "CLEARML_CONFIG_FILE": str(conf), "CLEARML_OFFLINE_MODE": "1"}
+    env.pop("CLEARML_CACHE_DIR", None)
+    space = tmp_path / "grid.yaml"
+    space.write_text("grid: {x: [1, 2, 3, 4], y: [0.0, 0.5, 1.0]}\n")
+    out = subprocess.run(
+        [
+            EXPFLOW, "sweep", "run", "--name", "cm-sweep",
+            "--trainable", "sample_trainables:sweep_square", "--space", str(space),
+            "--workers", "1", "--set", 'tracking={"clearml": {"tags": ["grid"]}}', "--json",
+        ],
+        capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    summary = json.loads(out.stdout)
+    sessions = Path(summary["sweep_dir"]) / "clearml" / "offline"
+    folders = [p for p in sessions.iterdir() if p.is_dir()]
+    assert len(folders) == 1  # 12 combinations, one task
+    task = json.loads((folders[0] / "task.json").read_text())
+    assert {"grid", "sweep"} <= set(task["tags"])
+    lines = (folders[0] / "metrics.jsonl").read_text().splitlines()
+    events = [e for line in lines for e in json.loads(line)]
+    tables = [e for e in events if e.get("type") == "plot" and "combinations" in json.dumps(e)]
+    assert tables, "no table of combinations"
+    table = json.loads(tables[0]["plot_str"])["data"][0]
+    values = table["cells"]["values"]
+    assert len(values[0]) == 12  # a column of 12 combinations
+    final = {e["variant"]: e["value"] for e in events if e.get("type") == "training_stats_scalar"}
+    assert final["combinations"] == 12 and final["best_value"] == 0.0

@@ -79,3 +79,28 @@ def test_missing_sdk_names_the_extra(monkeypatch):
     assert str(err.value) == (
         "ClearML tracking needs the no_such_sdk_xyz package: pip install 'expflow-flows[clearml]'"
     )
+
+
+def test_sweep_reports_start_end_and_combinations_only_when_asked(
+    prefect_harness, home, recorder, monkeypatch
+):
+    from test_sweep_flow import run as run_sweep
+
+    monkeypatch.setitem(tracking.ADAPTERS, "combos", "sample_trackers:ComboRecorder")
+    summary = run_sweep(name="tracked", tracking={"recorder": {}})
+    kinds = [e[0] for e in recorder]
+    assert kinds == ["started", "finished", "closed"]  # no combination by default
+    assert recorder[0][1].kind == "sweep" and recorder[0][1].name == "tracked"
+    status, metrics, artifacts, _ = recorder[1][1]
+    assert status == "ok" and metrics["combinations"] == 12 and metrics["n_ok"] == 12
+    assert metrics["best_value"] == summary["best"][0]["metric:value"]
+    assert artifacts["results.csv"].is_file() and artifacts["dashboard"].is_file()
+
+    recorder.clear()
+    run_sweep(name="tracked", tracking={"combos": {}})  # all cached: still reported
+    combos = [e[1] for e in recorder if e[0] == "record"]
+    assert len(combos) == 12 and all(c.kind == "combination" for c in combos)
+    assert {(c.params["x"], c.params["y"]) for c in combos} == {
+        (x, y) for x in (1, 2, 3, 4) for y in (0.0, 0.5, 1.0)
+    }
+    assert all(c.metrics["value"] == (c.params["x"] - 3) ** 2 + c.params["y"] for c in combos)

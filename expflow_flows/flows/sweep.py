@@ -37,6 +37,7 @@ from expflow_flows.flows.ledger_hooks import hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
 from expflow_flows.home import runs_root
 from expflow_flows.metadata import capture_environment
+from expflow_flows.secrets import scrub
 from expflow_flows.sweep.config import SweepConfig, build_sweep_config
 from expflow_flows.sweep.execute import (
     ComboPlan,
@@ -50,6 +51,7 @@ from expflow_flows.sweep.report import write_dashboard, write_status_page
 from expflow_flows.sweep.results import SweepResults
 from expflow_flows.sweep.space import SweepSpace
 from expflow_flows.sweep.store import ResultStore
+from expflow_flows.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.trainable import Trainable
 
 PLAN_BATCH = 5000
@@ -306,6 +308,7 @@ def sweep(
     objective: str | None = None,
     maximize: bool | None = None,
     offpeak: dict[str, Any] | None = None,
+    tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a trainable (or a chain of steps) over every combination of a space, with caching and resume.
 
@@ -336,6 +339,7 @@ def sweep(
             max_failure_ratio=max_failure_ratio,
             objective=objective,
             maximize=maximize,
+            tracking=tracking,
         )
         return run_sweep(cfg)
     except ExpflowError as exc:
@@ -344,13 +348,72 @@ def sweep(
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    """The sweep's stages: plan, fan out in chunks, report."""
-    logger = get_run_logger()
+    """The sweep's stages: plan, fan out in chunks, report; mirrored to tracking tools."""
     space = SweepSpace.load(cfg.space)
     for step in cfg.step_configs():
         Trainable.parse(step.trainable).check()
+    # Before any work: a tracking tool asked for but not installed is one clear line.
+    tracking = Tracking.from_settings(cfg.tracking)
     sweep_dir = runs_root() / cfg.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    with tracking:
+        tracking.run_started(
+            RunContext(
+                kind="sweep",
+                name=cfg.name,
+                run_dir=sweep_dir,
+                params=scrub(cfg.to_dict()),
+                flow_run_id=str(flow_run.get_id() or ""),
+                flow_run_url=flow_run.get_flow_run_ui_url(),
+            )
+        )
+        try:
+            summary = _run_sweep(cfg, space, sweep_dir, tracking)
+        except Exception as exc:
+            tracking.run_finished("failed", {}, {}, str(exc))
+            raise
+        metrics = {"combinations": float(summary["combinations"])}
+        metrics.update({f"n_{k}": float(v) for k, v in summary.get("counts", {}).items()})
+        best = (summary.get("best") or [None])[0]
+        objective = summary.get("objective")
+        if best and objective and isinstance(best.get(f"metric:{objective}"), (int, float)):
+            metrics[f"best_{objective}"] = float(best[f"metric:{objective}"])
+        artifacts = {
+            name: Path(summary[key])
+            for name, key in (("results.csv", "results_csv"), ("dashboard", "dashboard"))
+            if summary.get(key)
+        }
+        tracking.run_finished("ok", metrics, artifacts)
+        return {**summary, "tracking_warnings": list(tracking.warnings)}
+
+
+def _record_combinations(tracking: Tracking, results: SweepResults) -> None:
+    """Each finished combination, for the tools that want them (ClearML's table)."""
+    if not tracking.wants_combinations:
+        return
+    for row in results.rows:
+        tracking.record(
+            StepRecord(
+                kind="combination",
+                name=f"combination-{row.get('combo_index')}-{row.get('step')}",
+                params={k[len("param:") :]: v for k, v in row.items() if k.startswith("param:")},
+                status=str(row.get("status") or ""),
+                metrics={
+                    k[len("metric:") :]: float(v)
+                    for k, v in row.items()
+                    if k.startswith("metric:") and isinstance(v, (int, float))
+                },
+                wall_s=float(row.get("wall_s") or 0.0),
+                reason=str(row.get("reason") or ""),
+                number=row.get("combo_index"),
+            )
+        )
+
+
+def _run_sweep(
+    cfg: SweepConfig, space: SweepSpace, sweep_dir: Path, tracking: Tracking
+) -> dict[str, Any]:
+    logger = get_run_logger()
     store = ResultStore(sweep_dir / "results.sqlite")
     flow_run_id = str(flow_run.get_id() or "")
     t0 = time.perf_counter()
@@ -415,8 +478,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     if previous:
         # Nothing ran and the space is the one last reported: its summary still holds.
         logger.info("sweep %s: all %d combinations cached; reports unchanged", cfg.name, total)
+        _record_combinations(tracking, current_results(store, current))
         return {**previous, "ran": 0, "cached": total}
     results = current_results(store, current)
+    _record_combinations(tracking, results)
     if not fresh and not pending:  # with pending work the status writer wrote the final page
         write_status_page(
             results.rows, status_path, title=f"Sweep {cfg.name}", total=total, refresh_s=None

@@ -53,6 +53,8 @@ class SweepConfig:
     objective: str | None = None
     maximize: bool = False
     status_every_s: float = 5.0
+    # Mirror the sweep to tracking tools (expflow_flows.tracking), e.g. {clearml: {}}.
+    tracking: dict[str, Any] = field(default_factory=dict)
 
     def step_configs(self) -> list[StepConfig]:
         """The chain to run per combination (one step named ``run`` for a single trainable)."""
