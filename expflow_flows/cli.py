@@ -557,6 +557,7 @@ def runs_cancel(
 ) -> None:
     """Cancel the experiment's flow run through the Prefect API (PIN-guarded)."""
     from expflow_flows import pin as pin_mod
+    from expflow_flows.flowruns import cancel_flow_run
     from expflow_flows.ledger import Ledger
 
     try:
@@ -566,7 +567,7 @@ def runs_cancel(
             raise ExpflowError(f"experiment {row.id} has no Prefect flow run to cancel")
         pin_mod.guard("cancel", target=f"{row.id} ({row.name})", pin=pin, force=force)
         ledger.move_to(row.id, "CANCEL_PENDING", message="cancel requested")
-        final = _cancel_flow_run(row.flow_run_id, wait)
+        final = cancel_flow_run(row.flow_run_id, wait)
         if final != "CANCELLED":
             raise ExpflowError(
                 f"cancel requested, but Prefect reports flow run {row.flow_run_id} as {final} "
@@ -578,33 +579,6 @@ def runs_cancel(
         fail(str(exc))
         return
     typer.echo(f"cancelled {row.id} ({row.name}); flow run {row.flow_run_id}")
-
-
-def _cancel_flow_run(flow_run_id: str, wait: float) -> str:
-    """Ask Prefect to cancel a flow run and wait until it is final; returns its state type."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
-
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(flow_run_id)
-        except Exception as exc:  # noqa: BLE001 - unknown id or unreachable API
-            raise ExpflowError(
-                f"flow run {flow_run_id} cannot be read from Prefect: {exc}"
-            ) from None
-        if run.state is not None and run.state.is_final():
-            return run.state.type.value
-        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            state = client.read_flow_run(flow_run_id).state
-            if state is not None and state.is_final():
-                return state.type.value
-            time.sleep(1)
-        state = client.read_flow_run(flow_run_id).state
-        return state.type.value if state else "UNKNOWN"
 
 
 @runs_app.command("delete")

@@ -889,7 +889,7 @@ def cancel_flow_run(
     from prefect.client.orchestration import get_client
 
     from expflow_flows import pin as pin_mod
-    from expflow_flows.cli import _cancel_flow_run
+    from expflow_flows.flowruns import cancel_flow_run as cancel_in_prefect
 
     flow_run_id, exp = _flow_run_of(flow_run)
     with _prefect_api() as api, _prefect_errors(api):
@@ -913,7 +913,7 @@ def cancel_flow_run(
         ledger = _ledger()
         if exp is not None and exp.state in ("ENQUEUED", "RUNNING"):
             ledger.move_to(exp.id, "CANCEL_PENDING", message="cancel requested (mcp)")
-        final = _cancel_flow_run(flow_run_id, wait_s)
+        final = cancel_in_prefect(flow_run_id, wait_s)
     if exp is not None and final == "CANCELLED":
         current = ledger.get(exp.id).state
         if current in ("CANCEL_PENDING", "ENQUEUED", "DRAFT"):
