@@ -41,9 +41,11 @@ import time
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from loopback import LoopbackServer
 
 API_VERSION = "2.23"
 SERVER_VERSION = "1.16.0"
@@ -134,8 +136,10 @@ def _tags_match(have: list[str], wanted: list[str]) -> bool:
     return True
 
 
-class ClearMLApiServer:
+class ClearMLApiServer(LoopbackServer):
     """In-memory ClearML API on a free loopback port. Use as a context manager."""
+
+    thread_name = "clearml-api"
 
     def __init__(
         self,
@@ -160,51 +164,6 @@ class ClearMLApiServer:
         self.calls: list[str] = []
         self.unknown_endpoints: list[str] = []
         self.files: dict[str, bytes] = {}  # the files server: path -> uploaded body
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> ClearMLApiServer:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                server._handle(self)
-
-            do_POST = do_GET  # noqa: N815
-            do_PUT = do_GET  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="clearml-api", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> ClearMLApiServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     def config_text(self, extra: str = "") -> str:
         """A clearml.conf for this server: credentials, and no HTTP retries, so a client

@@ -31,9 +31,11 @@ import json
 import threading
 from collections import defaultdict
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from loopback import LoopbackServer
 
 PROJECT_ID = "expflow-loopback-project"
 HIGH_CARDINALITY = {"id", "traceId", "userId", "sessionId", "parentObservationId"}
@@ -98,8 +100,10 @@ def _json(text: Any) -> Any:
         return text
 
 
-class LangfuseApiServer:
+class LangfuseApiServer(LoopbackServer):
     """In-memory Langfuse API on a free loopback port. Use as a context manager."""
+
+    thread_name = "langfuse-api"
 
     def __init__(self, public_key: str, secret_key: str) -> None:
         self.public_key = public_key
@@ -109,45 +113,6 @@ class LangfuseApiServer:
         self.export_headers: list[dict[str, str]] = []
         self.calls: list[str] = []
         self.unknown_endpoints: list[str] = []
-        self._httpd: ThreadingHTTPServer | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> LangfuseApiServer:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                server._handle(self)
-
-            do_POST = do_GET  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, name="langfuse-api", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> LangfuseApiServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     # ------------------------------------------------------------------ HTTP
 
