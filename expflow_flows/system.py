@@ -156,5 +156,26 @@ def status_rows() -> list[dict[str, Any]]:
             "langfuse",
             ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_BASE_URL"),
         ),
+        mcp(),
+        worker_types(),
         slurm(),
     ]
+
+
+def mcp() -> dict[str, str]:
+    """Whether `expflow mcp` can serve research agents (it needs no settings)."""
+    if importlib.util.find_spec("mcp") is None:
+        return _row("MCP server", "not installed", "pip install 'expflow-flows[mcp]'")
+    return _row("MCP server", "ok", f"mcp {_version('mcp')}; start with: expflow mcp")
+
+
+def worker_types() -> dict[str, str]:
+    """The Prefect worker types this install offers (`prefect worker start --type …`)."""
+    from importlib.metadata import entry_points
+
+    ours = [ep for ep in entry_points(group="prefect.collections") if ep.name == "expflow_flows"]
+    if not ours:
+        return _row(
+            "Worker types", "missing", "slurm/clearml not registered: reinstall expflow-flows"
+        )
+    return _row("Worker types", "ok", "process, slurm (sbatch), clearml (clearml-agent)")

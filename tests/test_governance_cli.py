@@ -248,10 +248,15 @@ def test_system_status_and_version(home):
         "PIN guard",
         "ClearML",
         "Langfuse",
+        "MCP server",
+        "Worker types",
         "Slurm",
     ):
         assert part in parts
     assert all(r["state"] for r in rows)
+    by_part = {r["part"]: r for r in rows}
+    assert by_part["Worker types"]["state"] == "ok"  # the entry point is installed
+    assert "slurm" in by_part["Worker types"]["detail"]
     version = cli("version")
     assert version.returncode == 0 and "expflow-flows 0.1.0" in version.stdout
 
