@@ -827,8 +827,10 @@ def sweep_run(
     try:
         overrides.update(_parse_settings(set_ or []))
         from expflow_flows.sweep.config import build_sweep_config
+        from expflow_flows.tracking import check_settings
 
-        build_sweep_config(config, **overrides)  # bad settings: one line, before anything starts
+        # Bad settings or a missing tracking SDK: one line, before anything starts.
+        check_settings(build_sweep_config(config, **overrides).tracking)
         api = _ensure_server(port, server)
         from expflow_flows.flows.sweep import sweep
 

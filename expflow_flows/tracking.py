@@ -22,6 +22,7 @@ which goes on.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,15 @@ class Tracker:
     """What an adapter implements; every method may be left as this no-op."""
 
     name = "tracker"
+    # The SDK the adapter imports, named for the "needs … pip install" line: (what,
+    # module, extra). None: it needs none.
+    sdk: tuple[str, str, str] | None = None
+
+    @classmethod
+    def needs_sdk(cls, settings: dict[str, Any]) -> bool:
+        """Whether these settings need the SDK (a switched-off tool may not)."""
+        return cls.sdk is not None
+
     # Sweeps record each combination only with adapters that ask for them: a sweep of
     # 10,000 combinations must not become 10,000 spans or tasks by default.
     wants_combinations = False
@@ -104,8 +114,8 @@ class Tracker:
         """Flush and release; bounded in time, never raises."""
 
 
-def load_adapter(name: str, settings: dict[str, Any] | None) -> Tracker:
-    """The adapter called ``name`` built from its settings, or one clear error line."""
+def adapter_class(name: str, settings: Any) -> type[Tracker]:
+    """The adapter class called ``name`` (its module imports no SDK), or one error line."""
     target = ADAPTERS.get(name)
     if target is None:
         raise ExpflowError(
@@ -116,11 +126,37 @@ def load_adapter(name: str, settings: dict[str, Any] | None) -> Tracker:
             f"tracking.{name} must be a mapping of settings (or {{}}), not {settings!r}"
         )
     module_name, _, class_name = target.partition(":")
-    module = importlib.import_module(module_name)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_adapter(name: str, settings: dict[str, Any] | None) -> Tracker:
+    """The adapter called ``name`` built from its settings, or one clear error line."""
+    cls = adapter_class(name, settings)
     try:
-        return getattr(module, class_name)(**(settings or {}))
+        return cls(**(settings or {}))
     except TypeError as exc:
         raise ExpflowError(f"tracking.{name}: {exc}") from None
+
+
+def check_settings(settings: Any) -> None:
+    """Cheap checks of a ``tracking`` setting before anything starts (no SDK imported, no
+    client made): the tools are known, their settings are mappings, their SDKs are
+    installed. The CLI runs them before it starts a flow."""
+    if not settings:
+        return
+    if not isinstance(settings, dict):
+        raise ExpflowError(
+            f"tracking={settings!r}: expected a mapping such as "
+            "{clearml: {project: pde}, langfuse: {}}"
+        )
+    for name, opts in settings.items():
+        cls = adapter_class(name, opts)
+        if cls.sdk and cls.needs_sdk(opts or {}):
+            what, module, extra = cls.sdk
+            if importlib.util.find_spec(module) is None:
+                raise ExpflowError(
+                    f"{what} needs the {module} package: pip install 'expflow-flows[{extra}]'"
+                )
 
 
 class Tracking:

@@ -104,3 +104,25 @@ def test_sweep_reports_start_end_and_combinations_only_when_asked(
         (x, y) for x in (1, 2, 3, 4) for y in (0.0, 0.5, 1.0)
     }
     assert all(c.metrics["value"] == (c.params["x"] - 3) ** 2 + c.params["y"] for c in combos)
+
+
+def test_settings_are_checked_without_building_any_client(monkeypatch):
+    """What the CLI checks before it starts a flow: names, shapes, installed SDKs."""
+    import importlib.util
+
+    tracking.check_settings({})
+    tracking.check_settings({"clearml": {"project": "p"}})  # installed here
+    with pytest.raises(ExpflowError, match="tracking tool 'wandb' is not known"):
+        tracking.check_settings({"wandb": {}})
+    with pytest.raises(ExpflowError, match="tracking.clearml must be a mapping"):
+        tracking.check_settings({"clearml": ["p"]})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "langfuse" else real(name)
+    )
+    with pytest.raises(ExpflowError) as err:
+        tracking.check_settings({"langfuse": {}})
+    assert str(err.value) == (
+        "Langfuse tracking needs the langfuse package: pip install 'expflow-flows[langfuse]'"
+    )
+    tracking.check_settings({"langfuse": {"enabled": False}})  # off: no SDK needed

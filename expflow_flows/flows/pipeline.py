@@ -36,6 +36,7 @@ from expflow_flows.secrets import scrub
 from expflow_flows.space import SearchSpace
 from expflow_flows.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.tracking import active as active_tracking
+from expflow_flows.tracking import check_settings as check_tracking
 from expflow_flows.trainable import RunResult, Trainable, run_trainable
 
 
@@ -302,6 +303,7 @@ def _preflight(cfg: PipelineConfig, force: bool) -> tuple[SearchSpace, list[Any]
     """Check everything a user can get wrong before any trial runs."""
     Trainable.parse(cfg.train).check()
     Trainable.parse(cfg.evaluate).check()
+    check_tracking(cfg.tracking)
     space = SearchSpace.load(cfg.space)
     gates = gates_mod.parse_gates(cfg.gates)
     if (

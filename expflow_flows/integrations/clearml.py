@@ -95,6 +95,7 @@ class ClearMLTracker(Tracker):
     """Mirrors one run (see the module docstring)."""
 
     name = "clearml"
+    sdk = ("ClearML tracking", "clearml", "clearml")
     wants_combinations = True  # kept for the sweep's table; tasks only when asked
 
     def __init__(

@@ -75,6 +75,12 @@ class LangfuseTracker(Tracker):
     """Mirrors a pipeline run to Langfuse (see the module docstring for what is sent)."""
 
     name = "langfuse"
+    sdk = ("Langfuse tracking", "langfuse", "langfuse")
+
+    @classmethod
+    def needs_sdk(cls, settings: dict[str, Any]) -> bool:
+        # Switched off, it sends nothing and needs no SDK.
+        return settings.get("enabled", True) is not False and not _env_disabled()
 
     def __init__(
         self,
