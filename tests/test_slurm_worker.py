@@ -225,9 +225,7 @@ def _deploy(srv, entrypoint: str, name: str, *extra: str) -> None:
 def pool(slurm, server):  # noqa: F811
     """The `expflow-slurm` pool with the repo's Slurm deployment, the test flows and a worker."""
     prefect(server, "work-pool", "create", "expflow-slurm", "--type", "slurm")
-    prefect(server, "deploy", "--name", "pde-advection-slurm")
-    for flow_name in ("sleeper", "quick", "fails"):
-        _deploy(server, f"worker_flows.py:{flow_name}", f"{flow_name}-slurm")
+    _deploy(server, "worker_flows.py:sleeper", "sleeper-slurm")
     log = open(server["root"] / "slurm-worker.log", "wb")
     worker = subprocess.Popen(
         [PREFECT, "worker", "start", "--pool", "expflow-slurm", "--type", "slurm"],
@@ -239,6 +237,19 @@ def pool(slurm, server):  # noqa: F811
     )
     server = {**server, "worker_log": server["root"] / "slurm-worker.log"}
     try:
+        # A one-minute job that outlives its limit, started before anything else so that
+        # Slurm's time-limit check (a minute and more) runs while the other tests do.
+        server["time_limited"] = run_deployment(
+            server,
+            "sleeper/sleeper-slurm",
+            "--param",
+            "seconds=600",
+            "--job-variable",
+            "time_limit=1",
+        )
+        prefect(server, "deploy", "--name", "pde-advection-slurm")
+        for flow_name in ("quick", "fails"):
+            _deploy(server, f"worker_flows.py:{flow_name}", f"{flow_name}-slurm")
         yield server
     finally:
         stop(worker)
@@ -301,11 +312,8 @@ def wait_running(srv, flow_run_id: str, timeout: float = 120) -> None:
 
 @pytest.fixture(scope="module")
 def time_limited(pool):
-    """A one-minute job that outlives its limit, started first so that Slurm's
-    time-limit check (a minute and more) runs while the other tests do."""
-    return run_deployment(
-        pool, "sleeper/sleeper-slurm", "--param", "seconds=600", "--job-variable", "time_limit=1"
-    )
+    """The flow run of the job started by `pool` to outlive its time limit."""
+    return pool["time_limited"]
 
 
 def test_pool_offers_the_slurm_template(pool, time_limited):
