@@ -171,6 +171,8 @@ class RunContext:
 
     def report(self, step: int, **values: float) -> None:
         """Record intermediate values; raises :class:`Pruned` when the pruner says stop."""
+        if _STOP.is_set():
+            raise _Stopped(f"stopped at step {step}: its flow run is being cancelled or shut down")
         clean = {k: float(v) for k, v in values.items()}
         self.intermediate.append({"step": int(step), **clean})
         if self.hook is not None and self.hook(int(step), clean):
@@ -274,6 +276,29 @@ def _clean_metrics(raw: Any, origin: str) -> dict[str, float]:
                 raise _RunFailure(f"{origin}: metric {key!r} is not a number: {value!r}") from None
         out[str(key)] = float(value)
     return out
+
+
+class _Stopped(BaseException):
+    """Raised inside a callable trainable at its next report once its flow run is ending.
+
+    A BaseException, so a trainable's own ``except Exception`` does not swallow it."""
+
+
+# Set when the flow run that started the callables of this process is ending (cancelled,
+# crashed): callables running in threads cannot be killed, and an interpreter waits for
+# them at exit, so a cancelled run would wait for the whole training. They stop at their
+# next ``run.report`` instead.
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Make every callable trainable in this process stop at its next report."""
+    _STOP.set()
+
+
+def clear_stop() -> None:
+    """A new run starts: callables run again."""
+    _STOP.clear()
 
 
 class _RunFailure(Exception):
@@ -408,6 +433,8 @@ def _run_callable(
                         raise _RunFailure(f"trainable {spec.spec!r} reported no metrics")
                 except Pruned as exc:
                     status, reason = "pruned", str(exc)
+                except _Stopped as exc:
+                    status, reason = "failed", str(exc)
                 except _RunFailure as exc:
                     status, reason = "failed", str(exc)
                 except ExpflowError as exc:

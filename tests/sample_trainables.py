@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 
@@ -162,3 +163,15 @@ def agent_evaluate(params, run):
 def agent_bad_usage(params, run):
     run.log_llm_call(model="gpt-test-mini", usage={"input": -1})
     return {"loss": 1.0}
+
+
+def endless(params, run):
+    """Trains until told to stop (a cancelled flow run), catching every Exception."""
+    step = 0
+    while True:
+        step += 1
+        try:
+            run.report(step, loss=1.0 / step)
+        except Exception:  # noqa: BLE001 - a careless trainable must still be stoppable
+            pass
+        time.sleep(0.01)

@@ -344,3 +344,34 @@ def test_prose_mentioning_warnings_is_not_a_warning(tmp_path):
 
 def test_none_parameters_are_left_out_of_script_arguments():
     assert format_args({"a": None, "b": 1}) == ["--b", "1"]
+
+
+def test_a_callable_in_a_thread_stops_at_its_next_report_when_its_run_ends(tmp_path):
+    """A cancelled flow run must not wait for trials running in threads to finish."""
+    import threading
+
+    from expflow_flows import trainable
+
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(
+            run_trainable("sample_trainables:endless", {}, tmp_path / "r")
+        )
+    )
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert worker.is_alive() and not results
+        trainable.request_stop()
+        worker.join(timeout=10)
+        assert not worker.is_alive(), "the trainable did not stop"
+    finally:
+        trainable.request_stop()
+        worker.join(timeout=10)
+        trainable.clear_stop()
+    (res,) = results
+    assert res.status == "failed"
+    assert "its flow run is being cancelled or shut down" in res.reason
+    # Stopping is for one run only: the next run trains normally.
+    again = run_trainable("sample_trainables:quadratic", {"x": 3}, tmp_path / "r2")
+    assert again.ok

@@ -23,6 +23,7 @@ from prefect.states import Failed
 
 from expflow_flows import gates as gates_mod
 from expflow_flows import hpo, llm_calls, pin, progress, submission
+from expflow_flows import trainable as trainable_mod
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
@@ -157,46 +158,53 @@ def _hpo(
     trial_dirs: list[str] = []  # this run's trials, whose LLM costs the experiment pays
     fixed = dict(cfg.params)
     flow_run_id = str(flow_run.get_id() or "")
-    while launched < remaining or in_flight:
-        while launched < remaining and len(in_flight) < cfg.parallelism:
-            trial = study.ask()
-            params = {**fixed, **space.suggest(trial)}
-            trial.set_user_attr("flow_run_id", flow_run_id)
-            run_dir = Path(experiment_dir) / f"hpo-t{trial.number:04d}-{new_run_id('')[1:]}"
-            trial_dirs.append(str(run_dir))
-            future = run_trial.submit(
-                number=trial.number,
-                trial_id=trial._trial_id,
-                trainable=cfg.train,
-                params=params,
-                run_dir=str(run_dir),
-                budget=cfg.hpo_budget,
-                objective=cfg.objective,
-                storage=storage,
-                study_name=study_name,
-                pruner=cfg.pruner,
-                timeout=cfg.trial_timeout,
-                arg_style=cfg.arg_style,
-            )
-            in_flight[future] = trial
-            launched += 1
+    trainable_mod.clear_stop()
+    try:
+        while launched < remaining or in_flight:
+            while launched < remaining and len(in_flight) < cfg.parallelism:
+                trial = study.ask()
+                params = {**fixed, **space.suggest(trial)}
+                trial.set_user_attr("flow_run_id", flow_run_id)
+                run_dir = Path(experiment_dir) / f"hpo-t{trial.number:04d}-{new_run_id('')[1:]}"
+                trial_dirs.append(str(run_dir))
+                future = run_trial.submit(
+                    number=trial.number,
+                    trial_id=trial._trial_id,
+                    trainable=cfg.train,
+                    params=params,
+                    run_dir=str(run_dir),
+                    budget=cfg.hpo_budget,
+                    objective=cfg.objective,
+                    storage=storage,
+                    study_name=study_name,
+                    pruner=cfg.pruner,
+                    timeout=cfg.trial_timeout,
+                    arg_style=cfg.arg_style,
+                )
+                in_flight[future] = trial
+                launched += 1
+                counts.running = len(in_flight)
+                refresh()
+            future = next(as_completed(list(in_flight)))
+            trial = in_flight.pop(future)
+            result: RunResult | None = None
+            try:
+                result = _result(future.result())
+                outcome = hpo.tell_result(study, trial, result, cfg.objective)
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
+                outcome = hpo.tell_result(study, trial, None, cfg.objective, error=str(exc))
+            active_tracking().record(_trial_record(cfg, trial, result, outcome))
+            counts.complete += outcome == "complete"
+            counts.pruned += outcome == "pruned"
+            counts.failed += outcome == "fail"
             counts.running = len(in_flight)
             refresh()
-        future = next(as_completed(list(in_flight)))
-        trial = in_flight.pop(future)
-        result: RunResult | None = None
-        try:
-            result = _result(future.result())
-            outcome = hpo.tell_result(study, trial, result, cfg.objective)
-        except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
-            outcome = hpo.tell_result(study, trial, None, cfg.objective, error=str(exc))
-        active_tracking().record(_trial_record(cfg, trial, result, outcome))
-        counts.complete += outcome == "complete"
-        counts.pruned += outcome == "pruned"
-        counts.failed += outcome == "fail"
-        counts.running = len(in_flight)
-        refresh()
-        logger.info(counts.line())
+            logger.info(counts.line())
+    except BaseException:
+        # The flow run is ending (cancelled, crashed, interrupted): trials running in
+        # threads stop at their next report instead of holding the process open.
+        trainable_mod.request_stop()
+        raise
 
     rows = hpo.trials_table(study)
     create_table_artifact(
