@@ -444,9 +444,14 @@ def _stages(
     task_runner = make_task_runner(
         cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address, slurm=cfg.slurm
     )
-    study = hpo_flow.with_options(task_runner=task_runner)(
-        cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir), str(run_dir.path)
-    )
+    try:
+        study = hpo_flow.with_options(task_runner=task_runner)(
+            cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir), str(run_dir.path)
+        )
+    finally:
+        # The HPO stage's threads are gone once its flow returned or raised: a stop it
+        # asked for must not reach later callables of this process.
+        trainable_mod.clear_stop()
     best_params = {**cfg.params, **study["best_params"]}
     create_markdown_artifact(
         key=_artifact_key(cfg.experiment, "best-params"),
