@@ -262,6 +262,45 @@ def default_ledger_path() -> Path:
 # --- the ledger ------------------------------------------------------------------------
 
 
+def ensure_schema(
+    run: Callable[..., Any], statements: Iterable[str], schema_version: int, what: str
+) -> None:
+    """Put an SQLite file in WAL mode and bring its schema to ``schema_version``.
+
+    ``run`` is the owner's ``_run`` (one transaction through :func:`run_locked`). A file
+    with a newer schema is refused with one line; shared by the ledger and the sweep
+    results store.
+    """
+
+    def wal(conn: sqlite3.Connection) -> None:
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            # Persistent in the file: set once, by whichever process gets there first.
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("%s: WAL mode is unavailable (got %s)", what, mode)
+
+    def version(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def create(conn: sqlite3.Connection) -> None:
+        found = version(conn)
+        if found > schema_version:
+            raise ExpflowError(
+                f"{what} has schema version {found}, newer than this expflow-flows supports "
+                f"({schema_version}); upgrade expflow-flows"
+            )
+        if found < schema_version:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {schema_version}")
+
+    run(wal, begin="none")
+    # A read first, so an up-to-date file is opened without taking the write lock.
+    if run(version, begin="deferred") != schema_version:
+        run(create)
+
+
 def run_locked(
     connect: Callable[[], sqlite3.Connection],
     work: Callable[[sqlite3.Connection], T],
@@ -387,33 +426,7 @@ class Ledger:
         )
 
     def _ensure_schema(self) -> None:
-        def wal(conn: sqlite3.Connection) -> None:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                # Persistent in the file: set once, by whichever process gets there first.
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning("ledger %s: WAL mode is unavailable (got %s)", self.path, mode)
-
-        def version(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-        def create(conn: sqlite3.Connection) -> None:
-            found = version(conn)
-            if found > SCHEMA_VERSION:
-                raise ExpflowError(
-                    f"ledger {self.path} has schema version {found}, newer than this expflow "
-                    f"supports ({SCHEMA_VERSION}); upgrade expflow-flows"
-                )
-            if found < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-        self._run(wal, begin="none")
-        # A read first, so an up-to-date ledger is opened without taking the write lock.
-        if self._run(version, begin="deferred") != SCHEMA_VERSION:
-            self._run(create)
+        ensure_schema(self._run, _SCHEMA, SCHEMA_VERSION, f"ledger {self.path}")
 
     # --- helpers inside a transaction --------------------------------------------------
 

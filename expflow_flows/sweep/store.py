@@ -34,6 +34,7 @@ from expflow_flows.ledger import (
     LOCK_RETRIES,
     _encode_mapping,
     _json_default,
+    ensure_schema,
     run_locked,
 )
 from expflow_flows.rundir import STATUSES
@@ -317,36 +318,7 @@ class ResultStore:
         )
 
     def _ensure_schema(self) -> None:
-        def wal(conn: sqlite3.Connection) -> None:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                # Persistent in the file: set once, by whoever opens it first.
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning(
-                        "results store %s: WAL mode is unavailable (got %s)", self.path, mode
-                    )
-
-        def version(conn: sqlite3.Connection) -> int:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-        def create(conn: sqlite3.Connection) -> None:
-            found = version(conn)
-            if found > SCHEMA_VERSION:
-                raise ExpflowError(
-                    f"results store {self.path} has schema version {found}; this expflow-flows "
-                    f"reads version {SCHEMA_VERSION} — upgrade expflow-flows"
-                )
-            if found < SCHEMA_VERSION:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-        self._run(wal, begin="none")
-        # A read first, so an up-to-date store is opened without taking the write lock.
-        found = self._run(version, begin="deferred")
-        if found != SCHEMA_VERSION:
-            self._run(create)
+        ensure_schema(self._run, _SCHEMA, SCHEMA_VERSION, f"results store {self.path}")
 
     # --- writing -----------------------------------------------------------------------
 
