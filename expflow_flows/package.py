@@ -60,6 +60,7 @@ from expflow_flows import __version__
 from expflow_flows.errors import ExpflowError
 from expflow_flows.metadata import capture_environment
 from expflow_flows.secrets import MASK, SECRET_WORDS, is_secret_key
+from expflow_flows.submission import hash_file
 from expflow_flows.trainable import ARG_STYLES, Budget, Trainable, run_trainable
 
 FORMAT = 1
@@ -641,13 +642,8 @@ class _Writer:
 
 
 def _hash_path(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
+    sha, size = hash_file(path)
+    return {"sha256": sha, "size": size}
 
 
 def _collect(

@@ -199,7 +199,8 @@ def write_bundle(
     return final
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def hash_file(path: Path) -> tuple[str, int]:
+    """SHA-256 and size of a file, read in 1 MiB chunks (bundles and packages)."""
     digest = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
@@ -245,7 +246,7 @@ def verify_bundle(path: Path | str) -> list[str]:
             problems.append(f"{rel}: missing")
             continue
         expected = entry if isinstance(entry, dict) else {}
-        sha, size = _hash_file(file)
+        sha, size = hash_file(file)
         if size != expected.get("size"):
             problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
         elif sha != expected.get("sha256"):
