@@ -557,7 +557,7 @@ def runs_cancel(
 ) -> None:
     """Cancel the experiment's flow run through the Prefect API (PIN-guarded)."""
     from expflow_flows import pin as pin_mod
-    from expflow_flows.flowruns import cancel_flow_run
+    from expflow_flows.flows.flowruns import cancel_flow_run
     from expflow_flows.ledger import Ledger
 
     try:

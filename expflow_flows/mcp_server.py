@@ -889,7 +889,7 @@ def cancel_flow_run(
     from prefect.client.orchestration import get_client
 
     from expflow_flows import pin as pin_mod
-    from expflow_flows.flowruns import cancel_flow_run as cancel_in_prefect
+    from expflow_flows.flows.flowruns import cancel_flow_run as cancel_in_prefect
 
     flow_run_id, exp = _flow_run_of(flow_run)
     with _prefect_api() as api, _prefect_errors(api):

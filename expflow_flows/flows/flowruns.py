@@ -1,4 +1,4 @@
-"""Acting on Prefect flow runs from the CLI and the MCP server alike."""
+"""Acting on Prefect flow runs (orchestration): used by the CLI and the MCP server alike."""
 
 from __future__ import annotations
 
