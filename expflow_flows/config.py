@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.yamlfile import read_mapping
 
 PDE_SPACE = Path(__file__).parent / "pde" / "space.yaml"
 DIRECTIONS = ("minimize", "maximize")
@@ -67,17 +68,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML pipeline config; unknown keys and bad YAML are one-line errors."""
-    import yaml
-
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ExpflowError(f"pipeline config {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ExpflowError(f"pipeline config {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ExpflowError(f"pipeline config {str(path)!r} must be a mapping of settings")
+    data = read_mapping(p, "pipeline config", mapping="a mapping of settings", allow_empty=True)
     # Relative file names in a config (space file, script trainables) are relative
     # to the config file, so a config works from any working directory.
     for key in ("space", "train", "evaluate"):

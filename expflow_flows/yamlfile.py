@@ -9,9 +9,17 @@ from expflow_flows.errors import ExpflowError
 
 
 def read_mapping(
-    path: str | Path, what: str, empty_hint: str, loader: Any = None, mapping: str = "a mapping"
+    path: str | Path,
+    what: str,
+    empty_hint: str = "",
+    loader: Any = None,
+    mapping: str = "a mapping",
+    allow_empty: bool = False,
 ) -> dict:
-    """The mapping in ``path``; ``what`` names the file in errors (e.g. "search space file")."""
+    """The mapping in ``path``; ``what`` names the file in errors (e.g. "search space file").
+
+    An empty file is an error saying ``empty_hint``, or ``{}`` with ``allow_empty``
+    (a settings file whose defaults are all wanted)."""
     import yaml
 
     path = Path(path).expanduser()
@@ -28,6 +36,8 @@ def read_mapping(
         raise ExpflowError(f"{what} {str(path)!r} is not valid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ExpflowError(f"{what} {str(path)!r} cannot be read ({exc})") from None
+    if data is None and allow_empty:
+        return {}
     if data is None:
         raise ExpflowError(f"{what} {str(path)!r} is empty; {empty_hint}")
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.yamlfile import read_mapping
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu")
 CLUSTERS = ("local", "slurm")
@@ -124,17 +125,8 @@ def _relative(base: Path, value: Any) -> Any:
 
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
     """Read a sweep YAML; paths inside are relative to the file."""
-    import yaml
-
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ExpflowError(f"sweep config {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ExpflowError(f"sweep config {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ExpflowError(f"sweep config {str(path)!r} must be a mapping of settings")
+    data = read_mapping(p, "sweep config", mapping="a mapping of settings", allow_empty=True)
     base = p.parent
     for key in ("trainable", "space"):
         data[key] = _relative(base, data.get(key))
