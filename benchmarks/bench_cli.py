@@ -20,8 +20,8 @@ from mdreport import write_section
 BIN = Path(sys.executable).parent
 OPTIONAL = ("clearml", "clearml_agent", "langfuse", "mcp", "dask_jobqueue", "psycopg")
 CORE = (
-    "expflow_flows, expflow_flows.cli, expflow_flows.flows.pipeline, "
-    "expflow_flows.flows.sweep, expflow_flows.workers, expflow_flows.tracking"
+    "expflow_flows, expflow_flows.cli.app, expflow_flows.flows.pipeline, "
+    "expflow_flows.flows.sweep, expflow_flows.workers, expflow_flows.integrations.tracking"
 )
 
 
@@ -42,8 +42,8 @@ def main() -> None:
         ("`expflow runs --help`", [str(BIN / "expflow"), "runs", "--help"]),
         ("`python -c 'import expflow_flows'`", [sys.executable, "-c", "import expflow_flows"]),
         (
-            "`python -c 'import expflow_flows.cli'`",
-            [sys.executable, "-c", "import expflow_flows.cli"],
+            "`python -c 'import expflow_flows.cli.app'`",
+            [sys.executable, "-c", "import expflow_flows.cli.app"],
         ),
     ):
         median, slowest = timed(argv)

@@ -46,8 +46,8 @@ def plain(n: int) -> float:
 
 def flow(n: int, runner: str) -> float:
     from expflow_flows.config import build_config
+    from expflow_flows.flows.clusters import make_task_runner
     from expflow_flows.flows.pipeline import hpo_flow
-    from expflow_flows.runners import make_task_runner
 
     cfg = build_config(
         experiment=f"bench-{runner}",

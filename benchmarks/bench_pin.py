@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from expflow_flows import pin
+from expflow_flows.governance import pin
 
 
 def main() -> None:

@@ -109,8 +109,8 @@ def metadata_overhead() -> str:
     against a 1-second combination, plus the once-per-sweep environment capture."""
     import trivial
 
-    from expflow_flows.metadata import capture_environment
-    from expflow_flows.trainable import run_trainable
+    from expflow_flows.runs.metadata import capture_environment
+    from expflow_flows.runs.trainable import run_trainable
 
     t0 = time.perf_counter()
     capture_environment()

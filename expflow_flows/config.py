@@ -50,7 +50,7 @@ class PipelineConfig:
     submission_name: str | None = None
     predictions: str = "pred.hdf5"
     # Mirror the run to tracking tools, e.g. {clearml: {project: pde}, langfuse: {}}
-    # (expflow_flows.tracking); empty: none.
+    # (expflow_flows.integrations.tracking); empty: none.
     tracking: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -134,7 +134,7 @@ def _validate(cfg: PipelineConfig) -> None:
         isinstance(cfg.params, dict),
         f"params={cfg.params!r}: expected a mapping of fixed parameters",
     )
-    from expflow_flows.trainable import ARG_STYLES, Budget
+    from expflow_flows.runs.trainable import ARG_STYLES, Budget
 
     Budget.from_value(cfg.hpo_budget)
     Budget.from_value(cfg.final_budget)

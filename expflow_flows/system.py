@@ -69,7 +69,7 @@ def optuna_storage() -> dict[str, str]:
     if not os.path.exists(path):
         return _row("Optuna storage", "empty", f"{path} (created on first study)")
     try:
-        from expflow_flows.hpo import open_storage
+        from expflow_flows.hpo.study import open_storage
 
         n = len(open_storage(path).get_all_studies())
     except Exception as exc:  # noqa: BLE001
@@ -80,7 +80,7 @@ def optuna_storage() -> dict[str, str]:
 def ledger() -> dict[str, str]:
     """The experiment ledger and its row count."""
     try:
-        from expflow_flows.ledger import Ledger
+        from expflow_flows.governance.ledger import Ledger
 
         led = Ledger()
         n = led.count()
@@ -91,7 +91,7 @@ def ledger() -> dict[str, str]:
 
 def pin() -> dict[str, str]:
     """Whether a PIN guards destructive acts (never the hash)."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     st = pin_mod.pin_status()
     if st.get("problem"):

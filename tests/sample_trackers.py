@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from expflow_flows.tracking import Tracker
+from expflow_flows.integrations.tracking import Tracker
 
 EVENTS: list[tuple[str, object]] = []
 

@@ -11,11 +11,19 @@ import h5py
 import numpy as np
 import pytest
 
-from expflow_flows.audit import FAIL, NA, PASS, AuditReport, Check, audit_dataset, audit_experiment
+from expflow_flows.bundles.submission import write_bundle
 from expflow_flows.errors import ExpflowError
-from expflow_flows.metrics import MetricsRegistry
+from expflow_flows.governance.audit import (
+    FAIL,
+    NA,
+    PASS,
+    AuditReport,
+    Check,
+    audit_dataset,
+    audit_experiment,
+)
+from expflow_flows.metrics.registry import MetricsRegistry
 from expflow_flows.pde.generate import generate
-from expflow_flows.submission import write_bundle
 
 REG = MetricsRegistry.builtin()
 GOOD_METRICS = {"nrmse": 0.04, "rmse": 0.01, "pde_mean": 17.2, "train_time_min": 12.0}
@@ -247,7 +255,7 @@ def test_nan_injected_fails(good_file: Path) -> None:
 
 
 def test_nan_found_across_scan_slabs(good_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from expflow_flows import audit as audit_mod
+    from expflow_flows.governance import audit as audit_mod
 
     monkeypatch.setattr(audit_mod, "_SCAN_BYTES", 1)  # one sample per read
     path = variant(good_file)

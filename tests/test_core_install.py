@@ -60,8 +60,8 @@ def test_no_optional_sdk_is_installed_or_imported(core):
     names = {p["name"].lower().replace("-", "_") for p in json.loads(installed.stdout)}
     assert not names & set(OPTIONAL), names & set(OPTIONAL)
     probe = (
-        "import sys, expflow_flows, expflow_flows.cli, expflow_flows.flows.pipeline, "
-        "expflow_flows.flows.sweep, expflow_flows.workers, expflow_flows.tracking; "
+        "import sys, expflow_flows, expflow_flows.cli.app, expflow_flows.flows.pipeline, "
+        "expflow_flows.flows.sweep, expflow_flows.workers, expflow_flows.integrations.tracking; "
         "print(sorted({m.split('.')[0] for m in sys.modules}))"
     )
     out = run(core, "python", "-c", probe)

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from expflow_flows import fsm
 from expflow_flows.errors import ExpflowError
+from expflow_flows.governance import fsm
 
 # Written out here, independently of the module's table, so a change there shows up.
 LEGAL = {

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from expflow_flows.errors import ExpflowError, GateFailed
-from expflow_flows.gates import Gate, evaluate_gates, parse_gates, require_gates
+from expflow_flows.metrics.gates import Gate, evaluate_gates, parse_gates, require_gates
 
 # (op, value below / equal to / above the threshold 1.0 -> passed)
 BOUNDARY = {

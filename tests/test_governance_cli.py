@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from expflow_flows.cli import app
-from expflow_flows.ledger import Ledger
+from expflow_flows.cli.app import app
+from expflow_flows.governance.ledger import Ledger
 
 EXPFLOW = str(Path(sys.executable).with_name("expflow"))
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_runs_show_unknown_id_and_bad_state(home):
 
 
 def test_cancel_is_pin_guarded_and_leaves_the_ledger_alone_when_refused(home):
-    from expflow_flows import pin
+    from expflow_flows.governance import pin
 
     pin.init_pin("9753")
     row = Ledger().register("long", flow_run_id="00000000-0000-0000-0000-000000000000")
@@ -164,7 +164,7 @@ def test_compare_unknown_metric_lists_the_known_ones(three):
 
 def bundle_run(tmp_path: Path, metrics: dict) -> Path:
     """A pipeline run folder whose summary.json points at a real bundle."""
-    from expflow_flows.submission import write_bundle
+    from expflow_flows.bundles.submission import write_bundle
 
     pred = tmp_path / "pred.hdf5"
     pred.write_bytes(b"predictions")
@@ -262,8 +262,8 @@ def test_system_status_and_version(home):
 
 
 def test_deleting_ledger_entries_and_studies_is_guarded(home, tmp_path):
-    from expflow_flows import pin
-    from expflow_flows.hpo import open_storage, open_study
+    from expflow_flows.governance import pin
+    from expflow_flows.hpo.study import open_storage, open_study
 
     row = finished(Ledger(), "old", {"nrmse": 0.5})
     journal = str(tmp_path / "journal.log")

@@ -32,9 +32,9 @@ from langfuse_api import LangfuseApiServer  # noqa: E402
 from test_pipeline import run_pipeline  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from expflow_flows.cli import app  # noqa: E402
+from expflow_flows.cli.app import app  # noqa: E402
 from expflow_flows.errors import ExpflowError  # noqa: E402
-from expflow_flows.ledger import Ledger  # noqa: E402
+from expflow_flows.governance.ledger import Ledger  # noqa: E402
 
 EXPFLOW = str(Path(sys.executable).with_name("expflow"))
 COST = sample_trainables.AGENT_CALL_COST
@@ -242,7 +242,7 @@ def test_turned_off_tracking_creates_nothing_and_needs_no_sdk(monkeypatch):
     ],
 )
 def test_bad_settings_are_one_line_naming_the_value(settings, message):
-    from expflow_flows.tracking import Tracking
+    from expflow_flows.integrations.tracking import Tracking
 
     with pytest.raises(ExpflowError) as err:
         Tracking.from_settings({"langfuse": settings})
@@ -257,7 +257,7 @@ def closes_within(tracker, seconds: float) -> bool:
 
 
 def mirror_one_step(tracker, tmp_path):
-    from expflow_flows.tracking import RunContext, StepRecord
+    from expflow_flows.integrations.tracking import RunContext, StepRecord
 
     tracker.run_started(RunContext("pipeline", "quad", tmp_path, {"x": 1.0}, "run-1"))
     tracker.record(StepRecord("trial", "trial-0000", {"x": 1.0}, "ok", {"loss": 1.0}, wall_s=0.1))
@@ -420,7 +420,7 @@ def test_read_errors_are_one_line_that_says_what_to_check(langfuse_server):
 def test_the_core_package_and_cli_work_without_the_sdk():
     code = (
         "import sys; sys.modules['langfuse'] = None\n"
-        "import expflow_flows.cli, expflow_flows.trainable, expflow_flows.integrations.langfuse\n"
+        "import expflow_flows.cli, expflow_flows.runs.trainable, expflow_flows.integrations.langfuse\n"
         "sys.argv = ['expflow', 'langfuse', 'traces']\n"
         "expflow_flows.cli.main()\n"
     )

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from expflow_flows import ledger as ledger_mod
 from expflow_flows.errors import ExpflowError
-from expflow_flows.fsm import IllegalTransition
-from expflow_flows.ledger import Experiment, Ledger
+from expflow_flows.governance import ledger as ledger_mod
+from expflow_flows.governance.fsm import IllegalTransition
+from expflow_flows.governance.ledger import Experiment, Ledger
 
 PYTHON = sys.executable
 WORKERS = 8
@@ -29,7 +29,7 @@ _PRELUDE = r"""
 import json, sys, time
 from pathlib import Path
 from expflow_flows.errors import ExpflowError
-from expflow_flows.ledger import Ledger
+from expflow_flows.governance.ledger import Ledger
 path, sync, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 ledger = Ledger(path)
 (sync / f"ready-{index}").touch()

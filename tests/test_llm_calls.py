@@ -1,4 +1,4 @@
-"""LLM calls made inside a run (expflow_flows.llm_calls): recorded by callables and
+"""LLM calls made inside a run (expflow_flows.runs.llm_calls): recorded by callables and
 scripts in the run folder, and added up into the experiment's `llm_cost_usd`, which
 `expflow compare` and `expflow runs show` show."""
 
@@ -11,11 +11,11 @@ from sample_trainables import AGENT_CALL_COST as COST
 from test_pipeline import run_pipeline
 from typer.testing import CliRunner
 
-from expflow_flows import llm_calls
-from expflow_flows.cli import app
+from expflow_flows.cli.app import app
 from expflow_flows.errors import ExpflowError
-from expflow_flows.ledger import Ledger
-from expflow_flows.trainable import run_trainable
+from expflow_flows.governance.ledger import Ledger
+from expflow_flows.runs import llm_calls
+from expflow_flows.runs.trainable import run_trainable
 
 runner = CliRunner()
 

@@ -29,7 +29,7 @@ from mcp.client.stdio import stdio_client  # noqa: E402
 from mcp.types import CallToolResult  # noqa: E402
 from test_deployment import prefect, server  # noqa: E402, F401 - the module's Prefect server
 
-from expflow_flows.ledger import Ledger  # noqa: E402
+from expflow_flows.governance.ledger import Ledger  # noqa: E402
 
 EXPFLOW = str(Path(sys.executable).with_name("expflow"))
 PIN = "73915824"
@@ -51,7 +51,7 @@ def home(tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EXPFLOW_HOME", str(h))
         mp.delenv("EXPFLOW_RUNS_ROOT", raising=False)
-        from expflow_flows import pin
+        from expflow_flows.governance import pin
 
         pin.init_pin(PIN)
         yield h
@@ -400,7 +400,7 @@ def test_stdout_carries_only_json_rpc_and_no_pin_leaks(agent):
 def test_without_the_mcp_package_expflow_mcp_says_how_to_install_it(tmp_path):
     code = (
         "import sys; sys.modules['mcp'] = None\n"
-        "import expflow_flows.cli, expflow_flows.ledger, expflow_flows.compare\n"
+        "import expflow_flows.cli, expflow_flows.governance.ledger, expflow_flows.metrics.compare\n"
         "sys.argv = ['expflow', 'mcp']\n"
         "expflow_flows.cli.main()\n"
     )

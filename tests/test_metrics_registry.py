@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.gates import Gate
-from expflow_flows.metrics import (
+from expflow_flows.metrics.gates import Gate
+from expflow_flows.metrics.registry import (
     REGISTRY_ENV,
     MetricSpec,
     MetricsRegistry,

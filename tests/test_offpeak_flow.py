@@ -9,7 +9,7 @@ import datetime as dt
 
 import pytest
 
-from expflow_flows.scheduling import OffPeakPolicy
+from expflow_flows.governance.offpeak import OffPeakPolicy
 
 BERLIN = dt.timezone(dt.timedelta(hours=1))
 POLICY = {"windows": ["22:00-08:00"], "timezone": "Europe/Berlin", "weekends": False}

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from expflow_flows.errors import ExpflowError
-from expflow_flows.package import (
+from expflow_flows.bundles.package import (
     RunSpec,
     create_package,
     reproduce,
     unpack_package,
     verify_package,
 )
-from expflow_flows.trainable import run_trainable
+from expflow_flows.errors import ExpflowError
+from expflow_flows.runs.trainable import run_trainable
 
 SCRIPT = """\
 import argparse, json, os

@@ -17,7 +17,7 @@ from expflow_flows.errors import ExpflowError
 from expflow_flows.pde.metrics import METRIC_KEYS
 from expflow_flows.pde.model import ModelConfig, SpectralOperator1D
 from expflow_flows.pde.trainables import evaluate, train
-from expflow_flows.trainable import Budget, RunContext, run_trainable
+from expflow_flows.runs.trainable import Budget, RunContext, run_trainable
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "expflow_flows" / "pde" / "scripts"
 TINY = {"n_samples": 30, "nx": 32, "nt": 11, "initial_step": 2, "modes": 8}

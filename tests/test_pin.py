@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from expflow_flows import pin
 from expflow_flows.errors import ExpflowError, GuardRefused
+from expflow_flows.governance import pin
 
 PIN = "739164"
 WRONG = "112233"
@@ -187,7 +187,7 @@ def test_prompt_only_on_a_tty_and_not_when_interactive_false(home: Path, monkeyp
 def test_guard_without_tty_in_a_subprocess_refuses_and_never_hangs(home: Path) -> None:
     pin.init_pin(PIN, cost=FAST)
     code = (
-        "from expflow_flows import pin\n"
+        "from expflow_flows.governance import pin\n"
         "from expflow_flows.errors import GuardRefused\n"
         "try:\n"
         "    pin.guard('cancel-run', target='r1')\n"
@@ -265,7 +265,7 @@ def test_lockout_persists_across_processes(home: Path) -> None:
     wrong_tries(5, Clock(__import__("time").time()))
     assert mode(home / "pin_state.json") == 0o600
     code = (
-        "from expflow_flows import pin\n"
+        "from expflow_flows.governance import pin\n"
         "from expflow_flows.errors import GuardRefused\n"
         "try:\n"
         "    pin.guard('cancel-run')\n"

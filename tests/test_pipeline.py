@@ -43,7 +43,7 @@ def run_pipeline(tmp_path: Path, **overrides):
 def load_study(tmp_path: Path, name: str = "quad"):
     import optuna
 
-    from expflow_flows.hpo import open_storage
+    from expflow_flows.hpo.study import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(str(tmp_path / "journal.log")))
 
@@ -130,7 +130,7 @@ def test_submission_is_never_overwritten(prefect_harness, home, tmp_path):
 
 
 def test_pin_guards_the_submission(prefect_harness, home, tmp_path, monkeypatch):
-    from expflow_flows import pin
+    from expflow_flows.governance import pin
 
     pin.init_pin("4321")
     with pytest.raises(ExpflowError, match="PIN"):
@@ -181,7 +181,7 @@ def test_pipeline_on_a_dask_local_cluster(prefect_harness, home, tmp_path):
 
 
 def test_progress_updates_follow_every_trial(prefect_harness, home, tmp_path):
-    from expflow_flows import progress
+    from expflow_flows.hpo import progress
 
     updates = []
     unsubscribe = progress.subscribe(
@@ -209,7 +209,7 @@ def test_progress_updates_follow_every_trial(prefect_harness, home, tmp_path):
 def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness, home, tmp_path):
     from prefect import flow
 
-    from expflow_flows.hpo import open_study
+    from expflow_flows.hpo.study import open_study
 
     @flow
     def killed_pipeline():
@@ -229,7 +229,7 @@ def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness,
 
 
 def test_the_ledger_follows_the_flow_run(prefect_harness, home, tmp_path):
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     state = run_pipeline(tmp_path, n_trials=2, return_state=True)
     row = Ledger().find_by_flow_run(str(state.state_details.flow_run_id))

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.scheduling import OffPeakPolicy, Window
+from expflow_flows.governance.offpeak import OffPeakPolicy, Window
 
 BERLIN = dt.timezone(dt.timedelta(hours=1))  # November: CET, UTC+1
 

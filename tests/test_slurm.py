@@ -34,7 +34,7 @@ def _no_jobs_left(timeout: float = 20) -> None:
 
 
 def test_unknown_slurm_setting_is_one_line_error():
-    from expflow_flows.runners import make_task_runner
+    from expflow_flows.flows.clusters import make_task_runner
 
     with pytest.raises(ExpflowError) as err:
         make_task_runner("slurm", slurm={"bogus": 1})
@@ -45,7 +45,7 @@ def test_unknown_slurm_setting_is_one_line_error():
 def test_missing_dask_jobqueue_names_the_extra(monkeypatch):
     import sys
 
-    from expflow_flows.runners import make_task_runner
+    from expflow_flows.flows.clusters import make_task_runner
 
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
     with pytest.raises(ExpflowError, match=r"expflow-flows\[slurm\]"):

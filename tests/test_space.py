@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.space import (
+from expflow_flows.hpo.space import (
     CategoricalParam,
     Fixed,
     FloatParam,
@@ -290,7 +290,9 @@ def test_distributions_with_ask_and_complete(space_file: Path) -> None:
 
 
 def test_importing_space_does_not_import_optuna() -> None:
-    code = "import sys, expflow_flows.space; print('optuna' in sys.modules, 'yaml' in sys.modules)"
+    code = (
+        "import sys, expflow_flows.hpo.space; print('optuna' in sys.modules, 'yaml' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

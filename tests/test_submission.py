@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from expflow_flows import submission
+from expflow_flows.bundles import submission
+from expflow_flows.bundles.submission import verify_bundle, write_bundle
 from expflow_flows.errors import ExpflowError
 from expflow_flows.secrets import scrub
-from expflow_flows.submission import verify_bundle, write_bundle
 
 
 @pytest.fixture

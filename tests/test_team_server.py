@@ -73,7 +73,7 @@ def team_server(databases, tmp_path_factory):
 
 
 def test_two_workers_two_runs_one_study_on_postgresql(team_server, databases):
-    from expflow_flows.hpo import open_study
+    from expflow_flows.hpo.study import open_study
 
     env = team_server["env"]
 

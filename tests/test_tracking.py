@@ -1,5 +1,5 @@
 """The tracking fan-out: what a pipeline run tells each tracking tool, and how a tool
-that is missing or breaks is handled (expflow_flows.tracking)."""
+that is missing or breaks is handled (expflow_flows.integrations.tracking)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import sample_trackers
 from test_pipeline import run_pipeline
 
-from expflow_flows import tracking
 from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.integrations import tracking
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.rundir import RunDir
-from expflow_flows.trainable import (
+from expflow_flows.runs.rundir import RunDir
+from expflow_flows.runs.trainable import (
     Budget,
     Trainable,
     format_args,
@@ -350,7 +350,7 @@ def test_a_callable_in_a_thread_stops_at_its_next_report_when_its_run_ends(tmp_p
     """A cancelled flow run must not wait for trials running in threads to finish."""
     import threading
 
-    from expflow_flows import trainable
+    from expflow_flows.runs import trainable
 
     results = []
     worker = threading.Thread(

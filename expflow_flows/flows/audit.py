@@ -14,11 +14,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
-from expflow_flows import audit
 from expflow_flows.errors import ExpflowError
+from expflow_flows.governance import audit
+from expflow_flows.governance.ledger import Ledger
 from expflow_flows.home import expflow_home
-from expflow_flows.ledger import Ledger
-from expflow_flows.metrics import load_registry
+from expflow_flows.metrics.registry import load_registry
 
 
 def audit_reports(

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from expflow_flows.ledger import Ledger
+from expflow_flows.governance.ledger import Ledger
 from expflow_flows.secrets import scrub
 
 log = logging.getLogger("expflow.ledger")

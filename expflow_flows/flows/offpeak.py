@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.states import Scheduled
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.scheduling import OffPeakPolicy
+from expflow_flows.governance.offpeak import OffPeakPolicy
 
 TRIGGER_TAG = "offpeak-triggered:"
 

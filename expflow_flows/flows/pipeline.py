@@ -21,24 +21,28 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from expflow_flows import gates as gates_mod
-from expflow_flows import hpo, llm_calls, pin, progress, submission
-from expflow_flows import trainable as trainable_mod
+from expflow_flows.bundles import submission
 from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.flows.clusters import make_task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
+from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
-from expflow_flows.metadata import capture_environment
-from expflow_flows.report import write_study_report
-from expflow_flows.rundir import RunDir, new_run_id
-from expflow_flows.runners import make_task_runner
+from expflow_flows.hpo import progress
+from expflow_flows.hpo import study as hpo
+from expflow_flows.hpo.report import write_study_report
+from expflow_flows.hpo.space import SearchSpace
+from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
+from expflow_flows.integrations.tracking import active as active_tracking
+from expflow_flows.integrations.tracking import check_settings as check_tracking
+from expflow_flows.metrics import gates as gates_mod
+from expflow_flows.runs import llm_calls
+from expflow_flows.runs import trainable as trainable_mod
+from expflow_flows.runs.metadata import capture_environment
+from expflow_flows.runs.rundir import RunDir, new_run_id
+from expflow_flows.runs.trainable import RunResult, Trainable, run_trainable
 from expflow_flows.secrets import scrub
-from expflow_flows.space import SearchSpace
-from expflow_flows.tracking import RunContext, StepRecord, Tracking
-from expflow_flows.tracking import active as active_tracking
-from expflow_flows.tracking import check_settings as check_tracking
-from expflow_flows.trainable import RunResult, Trainable, run_trainable
 
 
 def _result(d: dict[str, Any]) -> RunResult:
@@ -360,7 +364,7 @@ def pipeline(
     """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it.
 
     ``tracking`` (e.g. ``{clearml: {project: pde}, langfuse: {}}``) mirrors the run to
-    tracking tools (see ``expflow_flows.tracking``).
+    tracking tools (see ``expflow_flows.integrations.tracking``).
 
     ``offpeak`` (e.g. ``{windows: ['22:00-08:00'], timezone: Europe/Berlin}``) moves a run
     triggered in peak hours to the next off-peak window.

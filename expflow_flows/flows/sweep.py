@@ -36,7 +36,9 @@ from expflow_flows.errors import ExpflowError
 from expflow_flows.flows.ledger_hooks import hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
 from expflow_flows.home import runs_root
-from expflow_flows.metadata import capture_environment
+from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
+from expflow_flows.runs.metadata import capture_environment
+from expflow_flows.runs.trainable import Trainable
 from expflow_flows.secrets import scrub
 from expflow_flows.sweep.config import SweepConfig, build_sweep_config
 from expflow_flows.sweep.execute import (
@@ -51,8 +53,6 @@ from expflow_flows.sweep.report import write_dashboard, write_status_page
 from expflow_flows.sweep.results import SweepResults
 from expflow_flows.sweep.space import SweepSpace
 from expflow_flows.sweep.store import ResultStore
-from expflow_flows.tracking import RunContext, StepRecord, Tracking
-from expflow_flows.trainable import Trainable
 
 PLAN_BATCH = 5000
 MAX_CHUNKS = 50
@@ -235,7 +235,7 @@ def _start_slurm(cfg: SweepConfig) -> tuple[Any, Any]:
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
-    from expflow_flows.runners import slurm_cluster_kwargs
+    from expflow_flows.flows.clusters import slurm_cluster_kwargs
     from expflow_flows.sweep.config import parse_memory
 
     kwargs = slurm_cluster_kwargs(cfg.slurm)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.tracking import RunContext, StepRecord, Tracker
+from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracker
 
 STEPS = ("none", "all")
 COMBINATIONS = ("aggregate", "all", "sample")
@@ -58,7 +58,7 @@ def _group(metric: str) -> tuple[str, str]:
         title, _, series = metric.rpartition("/")
         return title, series
     try:
-        from expflow_flows.metrics import load_registry
+        from expflow_flows.metrics.registry import load_registry
 
         return load_registry().get(metric).group, metric
     except ExpflowError:

@@ -1,6 +1,6 @@
 """Langfuse: a pipeline run becomes a trace, its steps spans, its LLM calls generations.
 
-Turned on by a run's ``tracking: {langfuse: {}}`` (see :mod:`expflow_flows.tracking`),
+Turned on by a run's ``tracking: {langfuse: {}}`` (see :mod:`expflow_flows.integrations.tracking`),
 with the keys and server in ``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_SECRET_KEY`` and
 ``LANGFUSE_BASE_URL``. What a run sends:
 
@@ -12,7 +12,7 @@ with the keys and server in ``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_SECRET_KEY`` and
   and duration, its parameters as input, its metrics as output, and level ERROR
   (failed) or WARNING (warnings in the log) with the reason as status message;
 * one generation per LLM call that the step recorded in ``llm_calls.jsonl`` (see
-  :mod:`expflow_flows.llm_calls`), with model, token usage and cost in USD.
+  :mod:`expflow_flows.runs.llm_calls`), with model, token usage and cost in USD.
 
 The SDK (OpenTelemetry underneath) batches spans and sends them in the background;
 :meth:`LangfuseTracker.close` waits for them at most ``flush_timeout`` seconds. With
@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from expflow_flows import llm_calls
 from expflow_flows.errors import ExpflowError
+from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracker, require_sdk
+from expflow_flows.runs import llm_calls
 from expflow_flows.secrets import scrub
-from expflow_flows.tracking import RunContext, StepRecord, Tracker, require_sdk
 
 log = logging.getLogger("expflow.langfuse")
 

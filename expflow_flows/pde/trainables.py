@@ -1,4 +1,4 @@
-"""``train`` and ``evaluate`` trainables for the PDE workload (see :mod:`expflow_flows.trainable`).
+"""``train`` and ``evaluate`` trainables for the PDE workload (see :mod:`expflow_flows.runs.trainable`).
 
 ``expflow_flows.pde.trainables:train`` trains :class:`~expflow_flows.pde.model.SpectralOperator1D`
 on the training split of a PDEBench 1D file, holding out the last ``val_ratio`` of that split for
@@ -40,7 +40,7 @@ from expflow_flows.pde.generate import ensure_dataset
 from expflow_flows.pde.metrics import compute_metrics, write_predictions
 from expflow_flows.pde.model import MODEL_FILE, ModelConfig, SpectralOperator1D, fit
 from expflow_flows.pde.registry import find_problem_for_file
-from expflow_flows.trainable import Budget, RunContext
+from expflow_flows.runs.trainable import Budget, RunContext
 
 DEFAULT_EPOCHS = 25
 PRED_FILE = "pred.hdf5"

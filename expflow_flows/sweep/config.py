@@ -54,7 +54,7 @@ class SweepConfig:
     objective: str | None = None
     maximize: bool = False
     status_every_s: float = 5.0
-    # Mirror the sweep to tracking tools (expflow_flows.tracking), e.g. {clearml: {}}.
+    # Mirror the sweep to tracking tools (expflow_flows.integrations.tracking), e.g. {clearml: {}}.
     tracking: dict[str, Any] = field(default_factory=dict)
 
     def step_configs(self) -> list[StepConfig]:
@@ -157,7 +157,7 @@ def build_sweep_config(config_file: str | Path | None = None, **overrides: Any) 
 
 
 def _validate(cfg: SweepConfig) -> None:
-    from expflow_flows.trainable import ARG_STYLES, Budget
+    from expflow_flows.runs.trainable import ARG_STYLES, Budget
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -230,7 +230,7 @@ def _validate(cfg: SweepConfig) -> None:
         "give cluster 'slurm' or dask_address, not both",
     )
     if cfg.cluster == "slurm":
-        from expflow_flows.runners import slurm_cluster_kwargs
+        from expflow_flows.flows.clusters import slurm_cluster_kwargs
 
         slurm_cluster_kwargs(cfg.slurm)
     need(

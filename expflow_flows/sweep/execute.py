@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expflow_flows.trainable import run_trainable
+from expflow_flows.runs.trainable import run_trainable
 
 LOG_EXCERPT_LINES = 20
 

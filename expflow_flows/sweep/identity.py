@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.trainable import Trainable
+from expflow_flows.runs.trainable import Trainable
 
 
 def _canonical(obj: Any) -> str:

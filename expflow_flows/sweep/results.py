@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.rundir import STATUSES
+from expflow_flows.runs.rundir import STATUSES
 from expflow_flows.sweep.store import COMPLETED_STATUSES, RESULTS_FILENAME, ResultStore
 
 PARAM_PREFIX = "param:"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.ledger import (
+from expflow_flows.governance.ledger import (
     BUSY_TIMEOUT_S,
     LOCK_RETRIES,
     _encode_mapping,
@@ -37,7 +37,7 @@ from expflow_flows.ledger import (
     ensure_schema,
     run_locked,
 )
-from expflow_flows.rundir import STATUSES
+from expflow_flows.runs.rundir import STATUSES
 
 log = logging.getLogger(__name__)
 

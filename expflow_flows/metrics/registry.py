@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.gates import OPS, Gate, parse_gates
 from expflow_flows.home import expflow_home
+from expflow_flows.metrics.gates import OPS, Gate, parse_gates
 from expflow_flows.pde.metrics import METRIC_KEYS
 
 TYPES = ("float", "int")

@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from expflow_flows import fsm
 from expflow_flows.errors import ExpflowError
+from expflow_flows.governance import fsm
 from expflow_flows.home import expflow_home
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ A trainable is named by a string:
   ``EXPFLOW_METRIC step=N name=value`` lines are intermediate values.
 
 Either kind can record the LLM calls it makes (``run.log_llm_call(...)`` or an
-``EXPFLOW_LLM {json}`` line; see :mod:`expflow_flows.llm_calls`).
+``EXPFLOW_LLM {json}`` line; see :mod:`expflow_flows.runs.llm_calls`).
 
-Every run writes its run directory (see :mod:`expflow_flows.rundir`) and ends in
+Every run writes its run directory (see :mod:`expflow_flows.runs.rundir`) and ends in
 one status: ok, warning (ok, but the log holds warnings), pruned (stopped early
 by the pruner) or failed (with the reason). A failure is never silent.
 """
@@ -42,9 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from expflow_flows import llm_calls
 from expflow_flows.errors import ExpflowError
-from expflow_flows.rundir import RunDir
+from expflow_flows.runs import llm_calls
+from expflow_flows.runs.rundir import RunDir
 
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 METRIC_LINE_RE = re.compile(r"^\s*EXPFLOW_METRIC\s+(?P<body>.+?)\s*$")

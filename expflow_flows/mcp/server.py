@@ -285,7 +285,7 @@ def _iso(value: Any) -> str | None:
 
 
 def _ledger() -> Any:
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     return Ledger()
 
@@ -487,9 +487,9 @@ def compare_experiments(
     Gates fail closed: an experiment without a gated metric is left out, with why.
     The same ranking as `expflow compare`.
     """
-    from expflow_flows.compare import rank
-    from expflow_flows.gates import parse_gates
-    from expflow_flows.metrics import load_registry
+    from expflow_flows.metrics.compare import rank
+    from expflow_flows.metrics.gates import parse_gates
+    from expflow_flows.metrics.registry import load_registry
 
     parsed = parse_gates(list(gates or []))
     rows = _ledger().list(state=state, name=name or None, limit=None)
@@ -888,8 +888,8 @@ def cancel_flow_run(
     """
     from prefect.client.orchestration import get_client
 
-    from expflow_flows import pin as pin_mod
     from expflow_flows.flows.flowruns import cancel_flow_run as cancel_in_prefect
+    from expflow_flows.governance import pin as pin_mod
 
     flow_run_id, exp = _flow_run_of(flow_run)
     with _prefect_api() as api, _prefect_errors(api):
@@ -937,8 +937,8 @@ def audit_experiment(experiment_id: ExperimentId) -> AuditResult:
     Checks: primary score reported, registry thresholds met, required params valid,
     submission bundle complete with valid checksums. Rules: <home>/audit.yaml.
     """
-    from expflow_flows import audit
-    from expflow_flows.metrics import load_registry
+    from expflow_flows.governance import audit
+    from expflow_flows.metrics.registry import load_registry
 
     exp = _ledger().get(experiment_id.strip())
     report = audit.audit_ledger_experiment(exp, load_registry(), audit.AuditRules.load())

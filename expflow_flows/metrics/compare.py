@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.gates import Gate
-from expflow_flows.metrics import MetricsRegistry
+from expflow_flows.metrics.gates import Gate
+from expflow_flows.metrics.registry import MetricsRegistry
 
 
 @dataclass

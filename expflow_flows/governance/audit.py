@@ -23,11 +23,11 @@ from typing import Any
 import h5py
 import numpy as np
 
+from expflow_flows.bundles.submission import MANIFEST, METRICS, PARAMS, verify_bundle
 from expflow_flows.errors import ExpflowError
-from expflow_flows.gates import OPS, Gate
-from expflow_flows.metrics import MetricsRegistry
+from expflow_flows.metrics.gates import OPS, Gate
+from expflow_flows.metrics.registry import MetricsRegistry
 from expflow_flows.pde.registry import PROBLEMS, Problem, find_problem_for_file, format_value
-from expflow_flows.submission import MANIFEST, METRICS, PARAMS, verify_bundle
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
 _HTML_STYLE = (

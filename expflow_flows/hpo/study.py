@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.home import default_optuna_storage
-from expflow_flows.trainable import ReportHook, RunResult
+from expflow_flows.runs.trainable import ReportHook, RunResult
 
 if TYPE_CHECKING:
     import optuna

@@ -57,11 +57,11 @@ from typing import Any, Literal
 import yaml
 
 from expflow_flows import __version__
+from expflow_flows.bundles.submission import hash_file
 from expflow_flows.errors import ExpflowError
-from expflow_flows.metadata import capture_environment
+from expflow_flows.runs.metadata import capture_environment
+from expflow_flows.runs.trainable import ARG_STYLES, Budget, Trainable, run_trainable
 from expflow_flows.secrets import MASK, SECRET_WORDS, is_secret_key
-from expflow_flows.submission import hash_file
-from expflow_flows.trainable import ARG_STYLES, Budget, Trainable, run_trainable
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -1002,7 +1002,7 @@ A {kind} packaged on {created.isoformat(timespec="seconds")} with expflow-flows 
 - `environment.json`: Python, OS and every package version the runs were made with
 - `manifest.json`: sha256 and size of every other file
 
-Check it: `python -c "from expflow_flows.package import verify_package as v; print(v('.').summary())"`
+Check it: `python -c "from expflow_flows.bundles.package import verify_package as v; print(v('.').summary())"`
 
 Re-run it: `python reproduce.py [--combos ID,ID] [--first N] [--tolerance 1e-6]`.
 This needs expflow-flows installed (`pip install expflow-flows=={__version__}`), and the
@@ -1040,7 +1040,7 @@ def main() -> int:
     args = parser.parse_args()
     try:
         from expflow_flows.errors import ExpflowError
-        from expflow_flows.package import reproduce
+        from expflow_flows.bundles.package import reproduce
     except ImportError:
         print(
             "reproduce.py needs expflow-flows installed: pip install expflow-flows==@VERSION@",
@@ -1622,7 +1622,7 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
 
 def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: float = 10) -> Path:
     """Package a ledger experiment: its settings, best params, metrics and run folder files."""
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     row = Ledger().get(exp_id)
     if not row.run_dir or not Path(row.run_dir).is_dir():

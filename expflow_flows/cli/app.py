@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from expflow_flows.cli_langfuse import langfuse_app
+from expflow_flows.cli.langfuse import langfuse_app
 from expflow_flows.errors import ExpflowError
 
 app = typer.Typer(
@@ -57,7 +57,7 @@ app.add_typer(sweep_app, name="sweep")
 app.add_typer(package_app, name="package")
 app.add_typer(langfuse_app, name="langfuse")
 
-DEMO_CONFIG = Path(__file__).parent / "pde" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).parent.parent / "pde" / "demo.yaml"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -82,11 +82,11 @@ def _ensure_server(port: int, use_server: bool) -> str | None:
 
 
 def _progress_display():
-    """A rich live display of HPO trials, fed by :mod:`expflow_flows.progress`."""
+    """A rich live display of HPO trials, fed by :mod:`expflow_flows.hpo.progress`."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from expflow_flows import progress as prog
+    from expflow_flows.hpo import progress as prog
 
     console = Console(stderr=True)
     bar = Progress(
@@ -257,8 +257,8 @@ def pipeline_delete_study(
     force: bool = typer.Option(False, help="Delete without a PIN (written to the audit log)."),
 ) -> None:
     """Delete an Optuna study and all its trials (PIN-guarded; irreversible)."""
-    from expflow_flows import hpo
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
+    from expflow_flows.hpo import study as hpo
 
     try:
         store = hpo.open_storage(storage)
@@ -424,7 +424,7 @@ def pin_init(
     pin: str | None = typer.Option(None, help="The current PIN, when one is set (or EXPFLOW_PIN)."),
 ) -> None:
     """Set the PIN; over an existing PIN this needs the current one."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     try:
         current = None
@@ -444,7 +444,7 @@ def pin_change(
     new_pin: str | None = typer.Option(None, "--new-pin", help="The new PIN (4-12 digits)."),
 ) -> None:
     """Replace the PIN (needs the current one)."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     try:
         if not pin_mod.pin_status().get("set"):
@@ -463,7 +463,7 @@ def pin_check(
     pin: str | None = typer.Option(None, help="The PIN to check (or EXPFLOW_PIN)."),
 ) -> None:
     """Check a PIN: exit 0 when right, 1 when wrong (wrong tries count towards the lockout)."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     try:
         if not pin_mod.pin_status().get("set"):
@@ -482,7 +482,7 @@ def pin_clear(
     pin: str | None = typer.Option(None, help="The current PIN (or EXPFLOW_PIN)."),
 ) -> None:
     """Remove the PIN (needs the current one); guarded acts are then allowed and still audited."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     try:
         if not pin_mod.pin_status().get("set"):
@@ -497,7 +497,7 @@ def pin_clear(
 @pin_app.command("status")
 def pin_status() -> None:
     """Whether a PIN is set, where from, and whether the guard is locked (never the hash)."""
-    from expflow_flows import pin as pin_mod
+    from expflow_flows.governance import pin as pin_mod
 
     typer.echo(json.dumps(pin_mod.pin_status(), indent=2, default=str))
 
@@ -513,7 +513,7 @@ def runs_list(
     from rich.console import Console
     from rich.table import Table
 
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     try:
         rows = Ledger().list(state=state, name=name, limit=limit)
@@ -536,7 +536,7 @@ def runs_show(
     exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
 ) -> None:
     """Everything the ledger knows about one experiment, with its state history."""
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     try:
         ledger = Ledger()
@@ -556,9 +556,9 @@ def runs_cancel(
     wait: float = typer.Option(90.0, help="Seconds to wait for Prefect to confirm."),
 ) -> None:
     """Cancel the experiment's flow run through the Prefect API (PIN-guarded)."""
-    from expflow_flows import pin as pin_mod
     from expflow_flows.flows.flowruns import cancel_flow_run
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance import pin as pin_mod
+    from expflow_flows.governance.ledger import Ledger
 
     try:
         ledger = Ledger()
@@ -588,8 +588,8 @@ def runs_delete(
     force: bool = typer.Option(False, help="Delete without a PIN (written to the audit log)."),
 ) -> None:
     """Delete an experiment's ledger entry and history (PIN-guarded; run folders stay)."""
-    from expflow_flows import pin as pin_mod
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance import pin as pin_mod
+    from expflow_flows.governance.ledger import Ledger
 
     try:
         ledger = Ledger()
@@ -611,7 +611,7 @@ def runs_retry(
     exp_id: str = typer.Argument(..., help="Experiment id (or a unique prefix)."),
 ) -> None:
     """Re-run a failed or cancelled experiment's deployment with the same parameters."""
-    from expflow_flows.ledger import Ledger
+    from expflow_flows.governance.ledger import Ledger
 
     try:
         ledger = Ledger()
@@ -672,10 +672,10 @@ def compare(
     ),
 ) -> None:
     """Rank experiments from the ledger (or ClearML tasks) by a metric, filtered by gates."""
-    from expflow_flows.compare import rank
-    from expflow_flows.gates import parse_gates
-    from expflow_flows.ledger import Ledger
-    from expflow_flows.metrics import load_registry
+    from expflow_flows.governance.ledger import Ledger
+    from expflow_flows.metrics.compare import rank
+    from expflow_flows.metrics.gates import parse_gates
+    from expflow_flows.metrics.registry import load_registry
 
     try:
         gates = parse_gates(list(gate or []))
@@ -757,7 +757,7 @@ def audit_dataset_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Check data files against PDEBench's layout and names; exit 1 when any check fails."""
-    from expflow_flows.audit import audit_dataset
+    from expflow_flows.governance.audit import audit_dataset
 
     _print_audits([audit_dataset(f) for f in files], json_out)
 
@@ -826,8 +826,8 @@ def sweep_run(
     }
     try:
         overrides.update(_parse_settings(set_ or []))
+        from expflow_flows.integrations.tracking import check_settings
         from expflow_flows.sweep.config import build_sweep_config
-        from expflow_flows.tracking import check_settings
 
         # Bad settings or a missing tracking SDK: one line, before anything starts.
         check_settings(build_sweep_config(config, **overrides).tracking)
@@ -950,7 +950,7 @@ def package_create(
     ),
 ) -> None:
     """Package a sweep or an experiment: code, config, environment, data checksums, results."""
-    from expflow_flows.package import package_experiment, package_sweep
+    from expflow_flows.bundles.package import package_experiment, package_sweep
 
     try:
         if bool(sweep_name) == bool(experiment):
@@ -972,7 +972,7 @@ def package_verify(
     archive: Path = typer.Argument(..., help="A package (.tar.gz) or its folder."),
 ) -> None:
     """Check a package's integrity and how this environment differs; exit 1 when broken."""
-    from expflow_flows.package import verify_package
+    from expflow_flows.bundles.package import verify_package
 
     try:
         report = verify_package(archive)
@@ -995,7 +995,7 @@ def package_reproduce(
     workdir: Path | None = typer.Option(None, help="Where to unpack and re-run."),
 ) -> None:
     """Unpack safely, re-run chosen runs, compare metrics; exit 1 when any differs or fails."""
-    from expflow_flows.package import reproduce
+    from expflow_flows.bundles.package import reproduce
 
     try:
         report = reproduce(
@@ -1016,7 +1016,7 @@ def package_reproduce(
 @app.command()
 def version() -> None:
     """Print the versions of expflow-flows and the engines it drives."""
-    from expflow_flows.metadata import package_versions
+    from expflow_flows.runs.metadata import package_versions
 
     for name, ver in package_versions().items():
         typer.echo(f"{name} {ver}")
@@ -1045,14 +1045,14 @@ def system_status(json_out: bool = typer.Option(False, "--json", help="Print JSO
 @app.command("mcp")
 def mcp_serve() -> None:
     """Serve research agents over the Model Context Protocol on stdio (the mcp extra)."""
-    from expflow_flows.tracking import require_sdk
+    from expflow_flows.integrations.tracking import require_sdk
 
     try:
         require_sdk("mcp", "mcp", "expflow mcp")
     except ExpflowError as exc:
         fail(str(exc))
         return
-    from expflow_flows.mcp_server import serve
+    from expflow_flows.mcp.server import serve
 
     serve()
 

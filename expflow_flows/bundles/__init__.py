@@ -1,0 +1,1 @@
+"""Bundles: submission bundles and reproducibility packages, with checksummed manifests."""

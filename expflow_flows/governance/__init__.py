@@ -1,0 +1,1 @@
+"""Governance: the PIN guard, the experiment ledger and its lifecycle, audits, off-peak policy."""

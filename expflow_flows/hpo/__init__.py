@@ -1,0 +1,1 @@
+"""Hyperparameter search: spaces, Optuna studies, the ask/tell loop and reports."""

@@ -1,0 +1,1 @@
+"""``expflow mcp``: the Model Context Protocol server for research agents."""

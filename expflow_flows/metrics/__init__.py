@@ -1,0 +1,1 @@
+"""Metrics: the registry, gates and their ``op:value`` grammar, and compare."""

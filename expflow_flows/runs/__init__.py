@@ -1,0 +1,1 @@
+"""Runs: the trainable contract, run folders and what a run records."""
