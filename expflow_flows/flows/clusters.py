@@ -1,75 +1,140 @@
-"""The one factory for Prefect task runners: threads, a local Dask cluster, a Dask address,
-or Dask workers in Slurm jobs (dask-jobqueue)."""
+"""The one cluster factory: what ``cluster`` settings mean, for the pipeline and the sweep.
+
+``kind: local`` is Dask (a new ``LocalCluster`` of one-thread worker processes, or the
+scheduler at ``address``), ``threads`` runs in this process, ``slurm`` puts Dask
+workers in Slurm jobs (dask-jobqueue). The pipeline's HPO stage gets a Prefect task
+runner (:func:`task_runner`); the sweep gets a Dask client (:func:`dask_client`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
-
-# Settings accepted under ``slurm:`` (passed to ``dask_jobqueue.SLURMCluster``).
-SLURM_KEYS = (
-    "cores",
-    "memory",
-    "processes",
-    "walltime",
-    "queue",
-    "partition",
-    "account",
-    "job_extra_directives",
-    "job_script_prologue",
-    "worker_extra_args",
-    "log_directory",
-    "local_directory",
-    "interface",
-)
-SLURM_DEFAULTS: dict[str, Any] = {
-    "cores": 1,
-    "memory": "2GB",
-    "processes": 1,
-    "walltime": "01:00:00",
-}
+from expflow_flows.settings.common import ClusterSettings, SlurmSettings, parse_memory
 
 
-def slurm_cluster_kwargs(slurm: dict[str, Any] | None) -> dict[str, Any]:
-    """Validated ``SLURMCluster`` keyword arguments for one Dask worker per Slurm job.
+def slurm_cluster_kwargs(slurm: SlurmSettings | dict[str, Any] | None) -> dict[str, Any]:
+    """``SLURMCluster`` keyword arguments for one Dask worker per Slurm job.
 
-    Raises a one-line ExpflowError for unknown keys or when dask-jobqueue is missing.
+    Raises a one-line ExpflowError for bad settings or when dask-jobqueue is missing.
     """
-    slurm = dict(slurm or {})
-    unknown = sorted(set(slurm) - set(SLURM_KEYS))
-    if unknown:
-        raise ExpflowError(
-            f"slurm setting {unknown[0]!r} is not known; accepted: {', '.join(SLURM_KEYS)}"
-        )
-    if "partition" in slurm:
-        if "queue" in slurm and slurm["queue"] != slurm["partition"]:
-            raise ExpflowError("slurm: give partition or queue (the same thing), not both")
-        slurm["queue"] = slurm.pop("partition")
-    for key in ("cores", "processes"):
-        value = slurm.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ExpflowError(f"slurm {key}={value!r}: expected a whole number >= 1")
-    for key in ("job_extra_directives", "job_script_prologue", "worker_extra_args"):
-        if key in slurm and not (
-            isinstance(slurm[key], list) and all(isinstance(v, str) for v in slurm[key])
-        ):
-            raise ExpflowError(f"slurm {key}={slurm[key]!r}: expected a list of strings")
+    if isinstance(slurm, dict):
+        from expflow_flows.settings.base import validate
+
+        slurm = validate(SlurmSettings, slurm, "slurm")
     try:
         import dask_jobqueue  # noqa: F401
     except ImportError:
         raise ExpflowError(
-            "runner 'slurm' needs dask-jobqueue: pip install 'expflow-flows[slurm]'"
+            "cluster kind 'slurm' needs dask-jobqueue: pip install 'expflow-flows[slurm]'"
         ) from None
+    given = (slurm or SlurmSettings()).model_dump(exclude_none=True)
+    given["queue"] = given.pop("partition", None)
+    for key in ("job_extra_directives", "job_script_prologue", "worker_extra_args"):
+        if not given.get(key):
+            given.pop(key, None)
     # A random dashboard port: several clusters (tests, parallel runs) may share a host.
     return {
-        **SLURM_DEFAULTS,
         "python": sys.executable,
         "scheduler_options": {"dashboard_address": ":0"},
-        **slurm,
+        **{k: v for k, v in given.items() if v is not None},
     }
+
+
+def task_runner(cluster: ClusterSettings) -> Any:
+    """A Prefect task runner for ``cluster`` (the pipeline's HPO stage)."""
+    # The scheduler lives in this process; its INFO chatter would drown the run's logs.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if cluster.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=cluster.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cluster.kind == "slurm":
+        return DaskTaskRunner(
+            cluster_class="dask_jobqueue.SLURMCluster",
+            cluster_kwargs=slurm_cluster_kwargs(cluster.slurm),
+            adapt_kwargs={"minimum": cluster.workers, "maximum": cluster.workers},
+        )
+    if cluster.address:
+        return DaskTaskRunner(address=cluster.address)
+    # One thread per worker process: trainables are CPU-bound numpy code, and a
+    # callable's output capture is per process.
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": cluster.workers, "threads_per_worker": 1, "processes": True},
+    )
+
+
+@contextlib.contextmanager
+def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterator[Any]:
+    """A Dask client for ``cluster`` whose workers declare CPU/MEMORY/GPU resources, so
+    per-run ``resources`` are honoured; the cluster it started is closed on exit."""
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    made: Any = None
+    if cluster.address:
+        client = Client(cluster.address)
+    elif cluster.kind == "slurm":
+        made = _slurm_cluster(cluster, resources)
+        client = Client(made)
+    else:
+        if resources.get("GPU") and shutil.which("nvidia-smi") is None:
+            raise ExpflowError(
+                f"resources ask for gpu={resources['GPU']:g} but this machine has no GPU "
+                "(no nvidia-smi); use a cluster with GPU workers (cluster.address)"
+            )
+        if resources.get("CPU", 1) > 1:
+            raise ExpflowError(
+                f"resources ask for cpu={resources['CPU']:g} per combination, but local workers "
+                "have 1 thread each; lower it or use a cluster (cluster.address)"
+            )
+        import psutil
+
+        made = LocalCluster(
+            n_workers=cluster.workers,
+            threads_per_worker=1,
+            processes=cluster.kind == "local",
+            dashboard_address=":0",
+            resources={
+                "CPU": 1,
+                "MEMORY": psutil.virtual_memory().total / cluster.workers,
+                "GPU": 0,
+            },
+        )
+        client = Client(made)
+    try:
+        yield client
+    finally:
+        client.close()
+        if made is not None:
+            made.close()
+
+
+def _slurm_cluster(cluster: ClusterSettings, resources: dict[str, float]) -> Any:
+    """``cluster.workers`` Slurm jobs, each one Dask worker with ``slurm.cores`` threads."""
+    from dask_jobqueue import SLURMCluster
+
+    kwargs = slurm_cluster_kwargs(cluster.slurm)
+    gres = any("gres" in d or "gpus" in d for d in kwargs.get("job_extra_directives", []))
+    gpus = float(resources.get("GPU", 0)) if gres else 0
+    procs = kwargs.get("processes", 1)
+    declared = (
+        f"CPU={kwargs['cores'] // procs},MEMORY={int(parse_memory(kwargs['memory']) / procs)},"
+        f"GPU={gpus:g}"
+    )
+    kwargs["worker_extra_args"] = [*kwargs.get("worker_extra_args", []), "--resources", declared]
+    made = SLURMCluster(**kwargs)
+    made.scale(jobs=cluster.workers)
+    return made
 
 
 def make_task_runner(
@@ -79,44 +144,13 @@ def make_task_runner(
     dask_address: str | None = None,
     slurm: dict[str, Any] | None = None,
 ) -> Any:
-    """A task runner: ``threads``; ``dask`` on a new ``LocalCluster`` of ``workers`` processes;
-    ``dask`` at ``dask_address``; or ``slurm``: up to ``workers`` Slurm jobs, each one Dask
-    worker (``slurm`` holds the ``SLURMCluster`` settings, see ``SLURM_KEYS``)."""
-    if slurm and runner != "slurm":
-        raise ExpflowError(f"slurm settings are given but runner is {runner!r}; use runner 'slurm'")
-    if runner == "slurm":
-        if dask_address:
-            raise ExpflowError("dask_address is set but runner is 'slurm'; use runner 'dask'")
-        kwargs = slurm_cluster_kwargs(slurm)
-        from prefect_dask import DaskTaskRunner
+    """The earlier flat settings (``runner`` dask/threads/slurm) through :func:`task_runner`."""
+    from expflow_flows.settings.base import validate
 
-        logging.getLogger("distributed").setLevel(logging.WARNING)
-        return DaskTaskRunner(
-            cluster_class="dask_jobqueue.SLURMCluster",
-            cluster_kwargs=kwargs,
-            adapt_kwargs={"minimum": workers, "maximum": workers},
-        )
-    if runner == "threads":
-        if dask_address:
-            raise ExpflowError("dask_address is set but runner is 'threads'; use runner 'dask'")
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if runner != "dask":
-        raise ExpflowError(f"runner {runner!r} is not known; expected dask, threads or slurm")
-    from prefect_dask import DaskTaskRunner
-
-    # The scheduler lives in this process; its INFO chatter would drown the run's logs.
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    if dask_address:
-        return DaskTaskRunner(address=dask_address)
-    # One thread per worker process: trainables are CPU-bound numpy code, and a
-    # callable's output capture is per process.
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": workers,
-            "threads_per_worker": 1,
-            "processes": True,
-        },
+    kind = {"dask": "local"}.get(runner, runner)
+    cluster = validate(
+        ClusterSettings,
+        {"kind": kind, "workers": workers, "address": dask_address, "slurm": slurm or None},
+        "cluster",
     )
+    return task_runner(cluster)

@@ -1,0 +1,197 @@
+"""The HPO ask/tell loop, as plain Python: it asks Optuna, starts trials, tells results.
+
+How a trial runs is not its business: the caller gives a :class:`TrialLauncher`
+(a Prefect task on Dask, threads, or anything with the same three methods). The
+loop keeps ``cluster.workers`` trials in flight until the study holds
+``hpo.n_trials`` finished trials, records every outcome (a lost worker fails one
+trial, not the study), publishes progress, and on the way out asks trials that run
+in this process's threads to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from expflow_flows.errors import ExpflowError
+from expflow_flows.hpo import progress
+from expflow_flows.hpo import study as hpo
+from expflow_flows.hpo.report import write_study_report
+from expflow_flows.hpo.space import SearchSpace
+from expflow_flows.runs import trainable as trainable_mod
+from expflow_flows.runs.rundir import new_run_id
+from expflow_flows.runs.trainable import RunResult
+
+if TYPE_CHECKING:
+    from expflow_flows.settings.pipeline import PipelineSettings
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial to run: what the launcher needs, nothing of Optuna's objects."""
+
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    run_dir: str
+
+
+class TrialLauncher(Protocol):
+    """Runs trials somewhere: start one, wait for any, read a finished one's result."""
+
+    def start(self, spec: TrialSpec) -> Any:
+        """Start the trial; returns a handle."""
+
+    def next_finished(self, handles: list[Any]) -> Any:
+        """Block until one of ``handles`` has finished; return it."""
+
+    def result(self, handle: Any) -> RunResult:
+        """The finished trial's result (raises when its worker was lost)."""
+
+
+# Called after each tell: (trial spec, its result or None when lost, outcome).
+Told = Callable[[TrialSpec, RunResult | None, str], None]
+
+
+@dataclass
+class StudyOutcome:
+    """What the HPO stage hands on: the best trial and where everything is."""
+
+    study: str
+    storage: str
+    best_trial: int
+    best_value: float
+    best_params: dict[str, Any]
+    complete: int
+    pruned: int
+    failed: int
+    trials: list[dict[str, Any]]
+    report: str
+    trial_dirs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (the flow's return value)."""
+        return dict(self.__dict__)
+
+
+def trial_dir(experiment_dir: Path, number: int) -> Path:
+    """A trial's run folder: ``hpo-t<number>-<time>`` under the experiment."""
+    return experiment_dir / f"hpo-t{number:04d}-{new_run_id('')[1:]}"
+
+
+def run_study(
+    settings: PipelineSettings,
+    study: Any,
+    launcher: TrialLauncher,
+    experiment_dir: Path,
+    *,
+    flow_run_id: str = "",
+    on_told: Told | None = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[progress.TrialProgress, list[str]]:
+    """Run trials until the study holds ``hpo.n_trials`` finished ones.
+
+    Returns the progress counts and this call's trial folders.
+    """
+    space = SearchSpace.load(settings.space)
+    already = hpo.finished_count(study)
+    remaining = max(settings.hpo.n_trials - already, 0)
+    if already:
+        log(
+            f"study {study.study_name!r} resumed with {already} finished trials; {remaining} to run"
+        )
+    counts = progress.TrialProgress(study=study.study_name, target=settings.hpo.n_trials)
+    for t in study.get_trials(deepcopy=False):
+        state = t.state.name
+        counts.complete += state == "COMPLETE"
+        counts.pruned += state == "PRUNED"
+        counts.failed += state == "FAIL"
+
+    def refresh() -> None:
+        best = hpo.best_trial(study)
+        if best is not None:
+            counts.best_value, counts.best_params = best.value, dict(best.params)
+        progress.publish(counts)
+
+    refresh()
+    in_flight: dict[Any, tuple[Any, TrialSpec]] = {}
+    launched = 0
+    trial_dirs: list[str] = []
+    trainable_mod.clear_stop()
+    try:
+        while launched < remaining or in_flight:
+            while launched < remaining and len(in_flight) < settings.cluster.workers:
+                trial = study.ask()
+                trial.set_user_attr("flow_run_id", flow_run_id)
+                spec = TrialSpec(
+                    number=trial.number,
+                    trial_id=trial._trial_id,
+                    params={**settings.params, **space.suggest(trial)},
+                    run_dir=str(trial_dir(experiment_dir, trial.number)),
+                )
+                trial_dirs.append(spec.run_dir)
+                in_flight[launcher.start(spec)] = (trial, spec)
+                launched += 1
+                counts.running = len(in_flight)
+                refresh()
+            handle = launcher.next_finished(list(in_flight))
+            trial, spec = in_flight.pop(handle)
+            result: RunResult | None = None
+            try:
+                result = launcher.result(handle)
+                outcome = hpo.tell_result(study, trial, result, settings.objective)
+            except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
+                outcome = hpo.tell_result(study, trial, None, settings.objective, error=str(exc))
+            if on_told is not None:
+                on_told(spec, result, outcome)
+            counts.complete += outcome == "complete"
+            counts.pruned += outcome == "pruned"
+            counts.failed += outcome == "fail"
+            counts.running = len(in_flight)
+            refresh()
+            log(counts.line())
+    except BaseException:
+        # The run is ending (cancelled, crashed, interrupted): trials running in threads
+        # stop at their next report instead of holding the process open.
+        trainable_mod.request_stop()
+        raise
+    return counts, trial_dirs
+
+
+def conclude(
+    settings: PipelineSettings,
+    study: Any,
+    storage: str,
+    counts: progress.TrialProgress,
+    trial_dirs: list[str],
+    report_dir: Path,
+) -> StudyOutcome:
+    """The study's trials table, its HTML report and its best trial; no success is an error."""
+    rows = hpo.trials_table(study)
+    report = write_study_report(
+        study,
+        report_dir / f"report-{study.study_name}.html",
+        title=f"HPO report: {study.study_name}",
+        extra={"objective": f"{settings.objective} ({settings.direction})", "storage": storage},
+    )
+    best = hpo.best_trial(study)
+    if best is None:
+        raise ExpflowError(
+            f"no trial of study {study.study_name!r} succeeded ({counts.failed} failed, "
+            f"{counts.pruned} pruned); see the trials table and each trial's output.log"
+        )
+    return StudyOutcome(
+        study=study.study_name,
+        storage=storage,
+        best_trial=best.number,
+        best_value=best.value,
+        best_params=dict(best.params),
+        complete=counts.complete,
+        pruned=counts.pruned,
+        failed=counts.failed,
+        trials=rows,
+        report=str(report),
+        trial_dirs=trial_dirs,
+    )

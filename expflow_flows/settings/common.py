@@ -1,0 +1,229 @@
+"""Settings the pipeline and the sweep share: trainables, budgets, clusters, off-peak, tracking.
+
+One vocabulary for both: ``cluster.kind`` / ``cluster.workers`` / ``cluster.address``,
+``objective`` + ``direction``, ``budget`` and ``timeout`` on the trainable they limit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from expflow_flows.settings.base import Settings
+
+Direction = Literal["minimize", "maximize"]
+ArgStyle = Literal["argparse", "equals", "hydra"]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _plain_name(value: str) -> str:
+    if ".." in value or "/" in value or "\\" in value:
+        raise ValueError("expected a name without '/' or '..'")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1), AfterValidator(_plain_name)]
+_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_MEM_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_memory(value: Any) -> float:
+    """``'2GB'``, ``'512 MiB'`` or a number of bytes → bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _MEM_RE.match(str(value))
+    if not m:
+        raise ValueError(f"memory {value!r}: expected bytes or a size such as '2GB' or '512MiB'")
+    unit = (m.group(2) or "").lower()
+    base = _MEM_UNITS[unit[:1]] if unit else 1
+    if "i" in unit:
+        base = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit[0]]
+    return float(m.group(1)) * base
+
+
+class BudgetSettings(Settings):
+    """How much one run may spend; the trainable reads it (``EXPFLOW_BUDGET_*`` or its budget)."""
+
+    epochs: int | None = Field(None, ge=1, description="Epochs per run.")
+    steps: int | None = Field(None, ge=1, description="Optimiser steps per run.")
+    seconds: PositiveSeconds | None = Field(None, description="Seconds of training per run.")
+
+    def as_dict(self) -> dict[str, float]:
+        """The set fields, as the trainable contract takes them."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class TrainableSettings(Settings):
+    """What to run: a callable ``package.module:function`` or a script path."""
+
+    shorthand = "target"
+    target: str = Field(
+        ...,
+        min_length=1,
+        description="A callable 'package.module:function' or a script path ('train.py').",
+    )
+    arg_style: ArgStyle = Field(
+        "argparse",
+        description="How a script gets its parameters: '--name value' (argparse), "
+        "'--name=value' (equals) or '++name=value' (hydra).",
+    )
+    budget: BudgetSettings | None = Field(
+        None, description="Budget of each run (epochs, steps or seconds)."
+    )
+    timeout: PositiveSeconds | None = Field(
+        None, description="Seconds after which a run is stopped and recorded failed."
+    )
+
+
+class SlurmSettings(Settings):
+    """Dask workers in Slurm jobs (dask-jobqueue's ``SLURMCluster``), one worker per job."""
+
+    cores: int = Field(1, ge=1, description="CPU cores per job.")
+    memory: str = Field("2GB", description="Memory per job, e.g. '4GB'.")
+    processes: int = Field(1, ge=1, description="Dask worker processes per job.")
+    walltime: str = Field("01:00:00", description="Time limit per job (HH:MM:SS).")
+    partition: str | None = Field(None, description="Slurm partition (queue).")
+    account: str | None = Field(None, description="Slurm account to charge.")
+    job_extra_directives: list[str] = Field(
+        default_factory=list, description="Extra '#SBATCH' directives, e.g. '--gres=gpu:1'."
+    )
+    job_script_prologue: list[str] = Field(
+        default_factory=list,
+        description="Shell lines run before the worker starts (module loads, venv activation).",
+    )
+    worker_extra_args: list[str] = Field(
+        default_factory=list, description="Extra arguments of the Dask worker command."
+    )
+    log_directory: str | None = Field(None, description="Folder for the jobs' log files.")
+    local_directory: str | None = Field(None, description="Workers' scratch folder.")
+    interface: str | None = Field(None, description="Network interface the workers listen on.")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
+
+class ClusterSettings(Settings):
+    """Where runs execute in parallel: one factory serves the pipeline and the sweep."""
+
+    kind: Literal["local", "threads", "slurm"] = Field(
+        "local",
+        description="local: Dask, on a new LocalCluster of worker processes or on the "
+        "scheduler at 'address'; threads: threads in this process; slurm: Dask workers "
+        "in Slurm jobs.",
+    )
+    workers: int = Field(2, ge=1, description="Runs at once (Dask workers, threads or Slurm jobs).")
+    address: str | None = Field(
+        None,
+        min_length=1,
+        description="Address of an existing Dask scheduler to use instead of a new cluster.",
+    )
+    slurm: SlurmSettings | None = Field(None, description="Slurm job settings (kind 'slurm').")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        if self.address and self.kind != "local":
+            raise ValueError(f"an address is given but kind is {self.kind!r}; use kind 'local'")
+        if self.slurm is not None and self.kind != "slurm":
+            raise ValueError(f"slurm settings are given but kind is {self.kind!r}; use 'slurm'")
+        return self
+
+
+class OffpeakSettings(Settings):
+    """Move a run triggered in peak hours to the next off-peak window."""
+
+    windows: list[str] = Field(
+        default_factory=lambda: ["22:00-08:00"],
+        min_length=1,
+        description="Off-peak windows 'HH:MM-HH:MM' in the timezone; may cross midnight.",
+    )
+    timezone: str = Field("UTC", description="IANA timezone of the windows, e.g. Europe/Berlin.")
+    weekends: bool = Field(True, description="Saturdays and Sundays are off-peak all day.")
+    max_wait_hours: float | None = Field(
+        24, ge=0, description="Longest wait for a window, in hours (null: no limit)."
+    )
+    on_timeout: Literal["run", "fail"] = Field(
+        "run", description="Past the longest wait: run anyway, or fail."
+    )
+    max_load: float | None = Field(
+        None, gt=0, description="Busy-CPU fraction above which off-peak is not free."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OffpeakSettings:
+        from expflow_flows.errors import ExpflowError
+        from expflow_flows.governance.offpeak import OffPeakPolicy
+
+        try:
+            OffPeakPolicy.from_dict(self.model_dump())
+        except ExpflowError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class ClearMLTrackingSettings(Settings):
+    """Mirror the run to ClearML (a task per run)."""
+
+    project: str | None = Field(None, description="ClearML project (default: expflow/<name>).")
+    tags: list[str] | None = Field(None, description="Tags on the run's task.")
+    offline: bool | None = Field(None, description="Record offline into the run folder.")
+    steps: Literal["none", "all"] = Field(
+        "none", description="'all' adds a child task per trial and stage."
+    )
+    combinations: Literal["aggregate", "all", "sample"] = Field(
+        "aggregate", description="Sweeps: one table, a task per combination, or a sample."
+    )
+    sample: int = Field(20, ge=1, description="Combinations mirrored when combinations=sample.")
+    task_type: str = Field("training", description="ClearML task type.")
+
+
+class LangfuseTrackingSettings(Settings):
+    """Mirror the run to Langfuse (a trace per run; keys from LANGFUSE_* variables)."""
+
+    public_key: str | None = Field(None, description="Public key (default: LANGFUSE_PUBLIC_KEY).")
+    secret_key: str | None = Field(None, description="Secret key (default: LANGFUSE_SECRET_KEY).")
+    base_url: str | None = Field(None, description="Server URL (default: LANGFUSE_BASE_URL).")
+    enabled: bool = Field(True, description="Send traces.")
+    flush_timeout: PositiveSeconds = Field(10.0, description="Seconds to wait for the last send.")
+    timeout: int | None = Field(None, ge=1, description="HTTP timeout in seconds.")
+    environment: str | None = Field(None, description="Langfuse environment name.")
+    tags: list[str] | None = Field(None, description="Tags on the trace.")
+
+
+class TrackingSettings(Settings):
+    """Tracking tools the run is mirrored to; a tool is on when its section is given."""
+
+    clearml: ClearMLTrackingSettings | None = Field(None, description="ClearML settings.")
+    langfuse: LangfuseTrackingSettings | None = Field(None, description="Langfuse settings.")
+
+    def enabled(self) -> dict[str, dict[str, Any]]:
+        """``{tool: its settings}`` for the tools asked for (what the tracking fan-out takes)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.model_dump(exclude_unset=True)
+        return out
+
+
+def gate_list(value: Any) -> list[str]:
+    """Gates as a list: a comma-separated string is split."""
+    if isinstance(value, str):
+        return [g.strip() for g in value.split(",") if g.strip()]
+    return value
+
+
+def check_gates(gates: list[str]) -> list[str]:
+    """Each gate must parse (``metric:op:value``)."""
+    from expflow_flows.errors import ExpflowError
+    from expflow_flows.metrics.gates import parse_gates
+
+    try:
+        parse_gates(gates)
+    except ExpflowError as exc:
+        raise ValueError(str(exc)) from None
+    return gates

@@ -1,0 +1,173 @@
+"""Settings of the HPO → train → eval → submit pipeline, written once.
+
+Precedence, highest first: overrides (flow parameter ``settings``, ``--set``, CLI
+options, Python), the YAML config file, the built-in defaults (the PDE advection
+workload).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from expflow_flows.settings.base import (
+    Settings,
+    read_settings_file,
+    relative_to,
+    resolve,
+)
+from expflow_flows.settings.common import (
+    BudgetSettings,
+    ClusterSettings,
+    Direction,
+    Name,
+    OffpeakSettings,
+    PositiveSeconds,
+    TrackingSettings,
+    TrainableSettings,
+    check_gates,
+    gate_list,
+)
+
+PDE_SPACE = Path(__file__).resolve().parent.parent / "pde" / "space.yaml"
+Gates = Annotated[list[str], BeforeValidator(gate_list), AfterValidator(check_gates)]
+
+# Settings of earlier releases, and where they are now (named in the error).
+RENAMED = {
+    "runner": "cluster.kind (local, threads or slurm)",
+    "parallelism": "cluster.workers",
+    "dask_address": "cluster.address",
+    "slurm": "cluster.slurm",
+    "n_trials": "hpo.n_trials",
+    "pruner": "hpo.pruner",
+    "seed": "hpo.seed",
+    "storage": "hpo.storage",
+    "study_name": "hpo.study_name",
+    "hpo_budget": "hpo.budget",
+    "trial_timeout": "hpo.trial_timeout",
+    "final_budget": "train.budget",
+    "arg_style": "train.arg_style and evaluate.arg_style",
+    "submit_to": "submit.to",
+    "submission_name": "submit.name",
+    "predictions": "submit.predictions",
+}
+
+
+class HpoSettings(Settings):
+    """The HPO stage: an Optuna study of trials of the train trainable."""
+
+    n_trials: int = Field(12, ge=1, description="Finished trials the study should hold.")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="Stop unpromising trials early on their intermediate values."
+    )
+    seed: int | None = Field(0, description="Sampler seed (null: random).")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage: a journal file path or a URL such as postgresql://… "
+        "(default: the journal file under the expflow home).",
+    )
+    study_name: str | None = Field(None, description="Study name (default: the experiment).")
+    budget: BudgetSettings = Field(
+        default_factory=lambda: BudgetSettings(epochs=15), description="Budget of each trial."
+    )
+    trial_timeout: PositiveSeconds | None = Field(
+        None, description="Seconds after which a trial is stopped and recorded failed."
+    )
+
+
+class SubmitSettings(Settings):
+    """Writing the submission bundle once the gates pass (PIN-guarded)."""
+
+    enabled: bool = Field(True, description="Write a submission bundle when the gates pass.")
+    to: str | None = Field(
+        None, description="Folder for bundles (default: the expflow home's submissions)."
+    )
+    name: str | None = Field(None, description="Bundle name (default: experiment and time).")
+    predictions: str = Field(
+        "pred.hdf5", min_length=1, description="The evaluation's file that is submitted."
+    )
+
+
+class PipelineSettings(Settings):
+    """Everything an HPO → train → eval → submit run needs."""
+
+    experiment: Name = Field(
+        "pde-advection", description="Experiment name: run folder, study and ledger name."
+    )
+    train: TrainableSettings = Field(
+        default_factory=lambda: TrainableSettings(
+            target="expflow_flows.pde.trainables:train", budget=BudgetSettings(epochs=40)
+        ),
+        description="The train trainable: HPO trials, then the final training at its budget.",
+    )
+    evaluate: TrainableSettings = Field(
+        default_factory=lambda: TrainableSettings(target="expflow_flows.pde.trainables:evaluate"),
+        description="The evaluation trainable; it reads the trained run's folder "
+        "(budget: the train budget unless its own is given).",
+    )
+    space: str | dict[str, Any] = Field(
+        str(PDE_SPACE), description="Search space: a YAML file or a mapping of parameters."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {"problem": "advection"},
+        description="Fixed parameters given to every run.",
+    )
+    objective: str = Field("val_nrmse", min_length=1, description="Metric HPO optimises.")
+    direction: Direction = Field("minimize", description="minimize or maximize the objective.")
+    hpo: HpoSettings = Field(default_factory=HpoSettings, description="The HPO stage.")
+    cluster: ClusterSettings = Field(
+        default_factory=ClusterSettings, description="Where trials run in parallel."
+    )
+    gates: Gates = Field(
+        default_factory=lambda: ["nrmse:lt:0.05"],
+        description="Metric gates 'metric:op:value' (lt le gt ge eq ne) that must all pass "
+        "before anything is submitted.",
+    )
+    submit: SubmitSettings = Field(
+        default_factory=SubmitSettings, description="The submission bundle."
+    )
+    offpeak: OffpeakSettings | None = Field(
+        None, description="Move a run triggered in peak hours to an off-peak window."
+    )
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings, description="Tracking tools the run is mirrored to."
+    )
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study name: explicit, else the experiment name."""
+        return self.hpo.study_name or self.experiment
+
+    @property
+    def final_budget(self) -> dict[str, float]:
+        """The final training's budget."""
+        return self.train.budget.as_dict() if self.train.budget else {}
+
+    @property
+    def eval_budget(self) -> dict[str, float]:
+        """The evaluation's budget: its own, else the final training's."""
+        return self.evaluate.budget.as_dict() if self.evaluate.budget else self.final_budget
+
+
+def read_pipeline_file(path: str | Path) -> dict[str, Any]:
+    """A pipeline YAML config as a mapping; relative file names become relative to the file."""
+    data, base = read_settings_file(path, "pipeline")
+    for key in ("train", "evaluate"):
+        value = data.get(key)
+        if isinstance(value, str):
+            data[key] = value = {"target": value}
+        if isinstance(value, dict) and isinstance(value.get("target"), str):
+            value["target"] = relative_to(base, value["target"])
+    if isinstance(data.get("space"), str):
+        data["space"] = relative_to(base, data["space"])
+    return data
+
+
+def load_pipeline_settings(
+    config: str | Path | None = None, overrides: Any = None
+) -> PipelineSettings:
+    """Defaults < YAML config file < overrides (a mapping or settings object), validated."""
+    file_data = read_pipeline_file(config) if config else {}
+    return resolve(PipelineSettings, "pipeline", file_data, overrides, RENAMED)
