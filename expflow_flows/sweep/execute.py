@@ -29,6 +29,7 @@ class StepPlan:
     budget: dict[str, Any] | None = None
     timeout: float | None = None
     cached: bool = False  # completed before with this key: reuse its folder
+    arg_style: str | None = None  # None: the combination's
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
             budget=step.get("budget"),
             upstream=upstream,
             timeout=step.get("timeout"),
-            arg_style=plan.get("arg_style", "argparse"),  # type: ignore[arg-type]
+            arg_style=step.get("arg_style") or plan.get("arg_style", "argparse"),
         )
         rows.append(
             {
@@ -150,3 +151,62 @@ def batch_size(n_items: int, workers: int, seconds_each: float | None) -> int:
         return 1
     wanted = int(0.25 / max(seconds_each, 1e-4))
     return max(1, min(16, wanted, n_items // max(1, workers * 8)))
+
+
+class ChunkRunner:
+    """Fans chunks of combinations out over a Dask client and records each row at once.
+
+    One runner serves one sweep run: it learns how long a combination takes and sizes
+    later Dask tasks from it (see :func:`batch_size`).
+    """
+
+    def __init__(
+        self, client: Any, store: Any, *, retries: int, resources: dict[str, float]
+    ) -> None:
+        self.client, self.store = client, store
+        self.retries, self.resources = retries, resources
+        self.seconds_each: float | None = None
+
+    def run(self, index: int, plans: list[dict[str, Any]]) -> dict[str, int]:
+        """Run one chunk; returns its counts by status (the last step of each combination)."""
+        import uuid
+
+        from distributed import as_completed
+
+        workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        size = batch_size(len(plans), workers, self.seconds_each)
+        batches = [plans[i : i + size] for i in range(0, len(plans), size)]
+        keys = [f"batch-{index}-{i}-{uuid.uuid4().hex[:8]}" for i in range(len(batches))]
+        by_key = dict(zip(keys, batches, strict=True))
+        futures = self.client.map(
+            run_batch,
+            batches,
+            key=keys,
+            pure=False,
+            retries=self.retries,
+            resources=self.resources or None,
+        )
+        counts = {"ok": 0, "warning": 0, "pruned": 0, "failed": 0}
+        buffer: list[dict[str, Any]] = []
+        walls: list[float] = []
+        flushed = time.monotonic()
+        for future in as_completed(futures):
+            try:
+                rows = future.result()
+            except Exception as exc:  # noqa: BLE001 - a lost worker or task error fails its combinations
+                rows = [failed_row(p, f"{type(exc).__name__}: {exc}") for p in by_key[future.key]]
+            future.release()
+            last = {row["combo_id"]: row for row in rows}
+            for row in last.values():
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+            buffer.extend(rows)
+            walls.extend(float(r["wall_s"]) for r in rows if r.get("wall_s") is not None)
+            if len(buffer) >= 200 or time.monotonic() - flushed > 0.5:
+                self.store.record_many(buffer)
+                buffer.clear()
+                flushed = time.monotonic()
+        if buffer:
+            self.store.record_many(buffer)
+        if walls:
+            self.seconds_each = sum(walls) / len(walls)
+        return counts
