@@ -120,3 +120,19 @@ def test_pipeline_run_from_the_command_line_end_to_end(home, tmp_path):
     assert Path(summary["bundle"]).parent == tmp_path / "subs"
     shown = expflow("runs", "show", summary["ledger_id"])
     assert json.loads(shown.stdout)["state"] == "COMPLETED"
+
+
+def test_arg_style_from_set_reaches_the_pipeline_without_a_traceback(home, tmp_path):
+    # Found as a new user: `--set arg_style=hydra` ended in a ParameterBindError traceback.
+    out = expflow(
+        "pipeline", "run", "--experiment", "cli-argstyle", "--n-trials", "1",
+        "--runner", "threads", "--set", "arg_style=hydra",
+        "--set", "hpo_budget={epochs: 2}", "--set", "final_budget={epochs: 2}",
+        "--gate", "nrmse:lt:10", "--no-submit", "--json",
+        timeout=300,
+    )  # fmt: skip
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    params = json.loads((Path(summary["run_dir"]) / "params.json").read_text())
+    assert params["arg_style"] == "hydra"

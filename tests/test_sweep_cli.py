@@ -83,3 +83,21 @@ def test_sweep_bad_settings_and_unknown_sweep_are_one_line(home, tmp_path):
     assert bad.stderr.strip().count("\n") == 0 and "'workerz'" in bad.stderr
     missing = cli("sweep", "status", "no-such-sweep")
     assert missing.returncode == 2 and "no sweep named 'no-such-sweep'" in missing.stderr
+
+
+def test_sweep_run_arg_style_from_set_reaches_the_script(home, tmp_path):
+    # Found as a new user: `sweep run --set arg_style=hydra` ended in a ParameterBindError.
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "args = dict(a.lstrip('+').split('=', 1) for a in sys.argv[1:])\n"
+        "json.dump({'loss': float(args['lr'])}, open(os.environ['EXPFLOW_METRICS_FILE'], 'w'))\n"
+    )
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        f"name: cli-hydra\ntrainable: {script.name}\nspace: {{grid: {{lr: [0.5]}}}}\nworkers: 1\n"
+    )
+    out = cli("sweep", "run", "--config", str(config), "--set", "arg_style=hydra", "--json")
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["counts"] == {"ok": 1}
