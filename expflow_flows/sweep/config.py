@@ -230,9 +230,16 @@ def _validate(cfg: SweepConfig) -> None:
         "give cluster 'slurm' or dask_address, not both",
     )
     if cfg.cluster == "slurm":
-        from expflow_flows.flows.clusters import slurm_cluster_kwargs
+        import importlib.util
 
-        slurm_cluster_kwargs(cfg.slurm)
+        from expflow_flows.settings.base import validate
+        from expflow_flows.settings.common import SlurmSettings
+
+        validate(SlurmSettings, cfg.slurm, "slurm")
+        if importlib.util.find_spec("dask_jobqueue") is None:
+            raise ExpflowError(
+                "cluster 'slurm' needs dask-jobqueue: pip install 'expflow-flows[slurm]'"
+            )
     need(
         cfg.max_failure_ratio is None or 0 <= cfg.max_failure_ratio <= 1,
         f"max_failure_ratio={cfg.max_failure_ratio!r}: expected a number from 0 to 1",
