@@ -4,7 +4,7 @@
 #   make demo    generate data, start/reuse a local Prefect server, run the pipeline
 #   make test    install the dev extras and run the test suite
 #   make bench   PIN guess cost; HPO orchestration overhead vs. a plain Optuna loop
-#   make lint    ruff check + format check
+#   make lint    ruff check + format check + import contracts (lint-imports)
 #   make server  local Prefect server with UI (background; `make server-stop`)
 #   make deploy  register prefect.yaml's deployments on that server
 #   make worker  serve the local process work pool
@@ -60,6 +60,7 @@ demo: $(VENV)/.installed
 # A real single-node Slurm (Debian's slurmctld/slurmd/munge on loopback) for the
 # Slurm tests: installed and started idempotently; the tests stop it afterwards.
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
 	./scripts/ensure-chromium.sh
 	./scripts/slurm-up.sh
 	$(PY) -m pytest -q
@@ -73,6 +74,7 @@ bench: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check expflow_flows tests benchmarks
 	$(VENV)/bin/ruff format --check expflow_flows tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format expflow_flows tests benchmarks

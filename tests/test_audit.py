@@ -21,6 +21,7 @@ from expflow_flows.governance.audit import (
     Check,
     audit_dataset,
     audit_experiment,
+    combined_html,
 )
 from expflow_flows.metrics.registry import MetricsRegistry
 from expflow_flows.pde.generate import generate
@@ -198,6 +199,30 @@ def test_report_renderings(bundle: Path) -> None:
     assert "<script" not in page and "http" not in page  # self-contained
     nasty = AuditReport("a|b <x>", (Check("c|d", PASS, "<b>", "r", "m\nn"),))
     assert "a\\|b" in nasty.to_markdown() and "&lt;b&gt;" in nasty.to_html()
+
+
+def test_html_report_shows_hostile_values_as_text(bundle: Path) -> None:
+    script = "<script>alert(1)</script>"
+    breakout = "</script><img src=x onerror=alert(2)>"
+    report = audit_experiment(
+        script,
+        {**GOOD_PARAMS, "Args/--sub_step": breakout},
+        GOOD_METRICS,
+        registry=REG,
+        required_params={"sub_step": "gt:0"},
+        bundle=bundle,
+    )
+    assert outcome(report, "param sub_step").outcome == FAIL
+    for page in (report.to_html(), combined_html([report, report], title=script)):
+        assert "<script" not in page and "<img" not in page  # no markup got in
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;" in page
+        # The table is still whole: one row per check, the bad param's row marked failed.
+        assert page.count('<tr class="') == len(report.checks) * page.count("<table>")
+        assert '<tr class="fail"><td>param sub_step</td><td>fail</td>' in page
+    assert "<title>&lt;script&gt;alert(1)&lt;/script&gt;</title>" in combined_html(
+        [report], title=script
+    )
 
 
 def test_check_outcome_is_validated() -> None:

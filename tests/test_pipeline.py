@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,47 @@ def test_the_ledger_follows_the_flow_run(prefect_harness, home, tmp_path):
     row = Ledger().find_by_flow_run(str(failed.state_details.flow_run_id))
     assert row.state == "FAILED"
     assert "test_loss" in row.message
+
+
+def test_study_report_shows_hostile_names_and_values_as_text(tmp_path, monkeypatch):
+    import importlib
+
+    import optuna
+
+    from expflow_flows.hpo.report import write_study_report
+
+    script = "<script>alert(1)</script>"
+    breakout = "a</script><img src=x onerror=alert(2)>"
+    study = optuna.create_study(study_name=script)
+
+    def objective(trial):
+        x = trial.suggest_float("x", -5.0, 5.0)
+        opt = trial.suggest_categorical(script, [breakout, "b"])
+        trial.report(x * x, 0)
+        return x * x + (opt == "b")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=6)
+
+    def unplottable(study):
+        raise ValueError(f"cannot plot {script}")
+
+    # optuna.visualization is a lazy proxy; patch the module it loads.
+    visualization = importlib.import_module("optuna.visualization")
+    monkeypatch.setattr(visualization, "plot_param_importances", unplottable)
+    path = write_study_report(
+        study, tmp_path / "report.html", title=f"HPO {script}", extra={script: breakout}
+    )
+    page = path.read_text()
+    assert "<script>alert" not in page and "<img" not in page  # no markup got in
+    shown = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert f"<title>HPO {shown}</title>" in page and f"<h1>HPO {shown}</h1>" in page
+    assert f"Study <b>{shown}</b>, 6 trials" in page
+    assert (
+        f"<tr><th>{shown}</th><td>a&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;</td>" in page
+    )
+    assert f"<h2>Parameter importances</h2><p>Not drawn: cannot plot {shown}</p>" in page
+    # The other plots are still drawn, and the parameter and its values are in their data.
+    figures = [json.loads(js) for js in re.findall(r"var f=(.*?);Plotly\.newPlot", page)]
+    assert len(figures) == 3  # history, parallel coordinates, intermediate values
+    assert breakout in json.dumps(figures)

@@ -203,6 +203,32 @@ def test_nothing_user_supplied_is_unescaped(tmp_path: Path) -> None:
         assert fig["data"]
 
 
+def test_hostile_title_and_param_value_show_as_text(tmp_path: Path) -> None:
+    title = "<script>alert(1)</script>"
+    breakout = "a</script><script>alert(2)</script>"
+    rows = make_rows(30)
+    for r in rows:
+        if r["param:optimizer"] == "sgd":
+            r["param:optimizer"] = breakout
+    dash = write_dashboard(rows, tmp_path / "d.html", title=title, top_k=30).read_text()
+    status = write_status_page(rows, tmp_path / "s.html", title=title, total=40).read_text()
+    shown_title = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    shown_value = "a&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;"
+    for page in (dash, status):
+        assert f"<title>{shown_title}</title>" in page and f"<h1>{shown_title}</h1>" in page
+        assert "<script>alert" not in page and "alert(2)</script>" not in page
+    # The dashboard still ranks the value in its table and plots it (as plotly text).
+    top = dash.split("<section id='top'>")[1].split("</section>")[0]
+    assert f"<td>{shown_value}</td>" in top
+    assert dash.count("Plotly.newPlot(") == 4
+    figures = re.findall(r"<script>\(function\(\)\{var f=(.*?);Plotly", dash)
+    assert any(shown_value in json.dumps(json.loads(js)) for js in figures)
+    # The status page still refreshes and has a cell per combination showing the value.
+    assert "<meta http-equiv='refresh' content='5'>" in status
+    assert status.count("<details ") == 30 and status.count("<i></i>") == 10
+    assert f"optimizer={shown_value}</p>" in status
+
+
 # --------------------------------------------------------------------------- status page
 
 

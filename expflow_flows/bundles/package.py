@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import importlib.util
 import io
 import json
@@ -42,7 +41,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -50,16 +48,27 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from expflow_flows import __version__
-from expflow_flows.bundles.submission import hash_file
+from expflow_flows import __version__, atomic
+from expflow_flows.bundles.manifest import (
+    HashingReader,
+    bytes_entry,
+    entry_problem,
+    file_entry,
+    hash_bytes,
+    hash_stream,
+)
 from expflow_flows.errors import ExpflowError
-from expflow_flows.runs.metadata import capture_environment
+from expflow_flows.runs.metadata import (
+    capture_environment,
+    git_snapshot,
+    installed_distributions,
+    normalized_distribution_name,
+)
 from expflow_flows.runs.trainable import ARG_STYLES, Budget, Trainable, run_trainable
 from expflow_flows.secrets import MASK, SECRET_WORDS, is_secret_key
 
@@ -118,7 +127,6 @@ ENV_ALLOWLIST = (
     "LC_ALL",
 )
 
-_CHUNK = 1 << 20
 _STREAM_OVER = 8 << 20  # files bigger than this are streamed into the archive, not read whole
 _TEXT_SUFFIXES_JSON = frozenset({".json"})
 _TEXT_SUFFIXES_YAML = frozenset({".yaml", ".yml"})
@@ -460,23 +468,9 @@ def _sanitize_yaml(text: str, raw: bytes) -> bytes:
 # --------------------------------------------------------------------------- environment
 
 
-def _norm_dist(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def installed_distributions() -> dict[str, str]:
-    """Every installed distribution's version, by normalized name (first on sys.path wins)."""
-    out: dict[str, str] = {}
-    for dist in importlib_metadata.distributions():
-        name = dist.metadata["Name"] if dist.metadata else None
-        if name:
-            out.setdefault(_norm_dist(name), dist.version)
-    return dict(sorted(out.items()))
-
-
 def capture_package_environment(code_dir: Path | str = ".") -> dict[str, Any]:
     """Python, OS, machine, allowlisted environment variables and all package versions."""
-    machine = capture_environment(code_dir)
+    machine = capture_environment(code_dir, git=False)
     info = {
         "python": sys.version.split()[0],
         "python_full": sys.version,
@@ -511,7 +505,7 @@ def environment_differences(recorded: dict[str, Any]) -> list[str]:
     if isinstance(packages, dict):
         here_pkgs = installed_distributions()
         for name, version in sorted(packages.items()):
-            now = here_pkgs.get(_norm_dist(str(name)))
+            now = here_pkgs.get(normalized_distribution_name(str(name)))
             if now is None:
                 out.append(f"package {name}: {version} in the package, not installed here")
             elif str(version) != now:
@@ -522,31 +516,13 @@ def environment_differences(recorded: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- git / code
 
 
-def _git(cwd: Path, *args: str, timeout: float = 30) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(cwd), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
-        return None
-
-
 def _git_snapshot(where: Path) -> dict[str, Any] | None:
     """Top folder, commit and redacted uncommitted diff of the repository holding ``where``."""
-    top = _git(where, "rev-parse", "--show-toplevel")
-    if not top:
-        return None
-    toplevel = Path(top.strip())
-    commit = (_git(toplevel, "rev-parse", "HEAD") or "").strip()
-    if not commit:
-        return None  # a repository without commits has nothing to pin
     excludes = [f":(top,exclude,glob)**/{pat}" for pat in SECRET_FILES]
-    diff = _git(toplevel, "diff", "--no-color", "--no-ext-diff", "HEAD", "--", *excludes)
-    return {"toplevel": toplevel, "commit": commit, "diff": _redact_diff(diff or "")}
+    snap = git_snapshot(where, exclude=excludes)
+    if snap is None:
+        return None
+    return {"toplevel": snap.toplevel, "commit": snap.commit, "diff": _redact_diff(snap.diff)}
 
 
 def _module_source(module: str) -> tuple[Path | None, str]:
@@ -579,21 +555,6 @@ def _inside(path: Path, root: Path) -> bool:
 # --------------------------------------------------------------------------- archive writing
 
 
-class _HashingReader:
-    """A file wrapper that hashes what tarfile reads from it."""
-
-    def __init__(self, fh: io.BufferedReader):
-        self.fh = fh
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
-
-
 class _Writer:
     """Adds files under ``<top>/`` to an open tar and records each one's sha256 and size."""
 
@@ -617,7 +578,7 @@ class _Writer:
 
     def add_bytes(self, rel: str, data: bytes, mode: int = 0o644) -> dict[str, Any]:
         self.tar.addfile(self._info(rel, len(data), mode), io.BytesIO(data))
-        entry = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        entry = bytes_entry(data)
         self.files[rel] = entry
         return entry
 
@@ -626,24 +587,19 @@ class _Writer:
         try:
             with open(src, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                reader = _HashingReader(fh)
+                reader = HashingReader(fh)
                 self.tar.addfile(self._info(rel, size, 0o644), reader)  # type: ignore[arg-type]
         except OSError as exc:
             raise ExpflowError(
                 f"cannot package {str(src)!r} ({exc.strerror or exc}); was it changed or removed?"
             ) from None
-        entry = {"sha256": reader.digest.hexdigest(), "size": reader.size}
+        entry = reader.entry()
         self.files[rel] = entry
         return entry
 
     def add_json(self, rel: str, data: Any) -> dict[str, Any]:
         raw = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
         return self.add_bytes(rel, raw)
-
-
-def _hash_path(path: Path) -> dict[str, Any]:
-    sha, size = hash_file(path)
-    return {"sha256": sha, "size": size}
 
 
 def _collect(
@@ -745,28 +701,6 @@ def _archive_path(out: Path, name: str) -> Path:
     return out / f"{name}.tar.gz"
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move the finished archive into place; refuse if ``final`` exists, even in a race."""
-    try:
-        os.link(tmp, final)  # fails atomically when final exists
-    except FileExistsError:
-        raise ExpflowError(
-            f"package {str(final)!r} already exists; choose another name or remove it"
-        ) from None
-    except OSError:
-        # No hard links on this filesystem: claim the name, then replace the empty claim.
-        try:
-            fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise ExpflowError(
-                f"package {str(final)!r} already exists; choose another name or remove it"
-            ) from None
-        os.close(fd)
-        os.replace(tmp, final)
-        return
-    os.unlink(tmp)
-
-
 def create_package(
     out: Path | str,
     *,
@@ -826,10 +760,13 @@ def create_package(
     git = _git_snapshot(where) if where is not None else None
 
     archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(f".{archive.name}.partial-{os.getpid()}-{os.urandom(4).hex()}")
     created = datetime.now(UTC)
     try:
-        with tarfile.open(tmp, "x:gz", compresslevel=6) as tar:
+        # overwrite=False: of two writers racing for one name, the second is refused.
+        with (
+            atomic.replacing(archive, overwrite=False) as tmp,
+            tarfile.open(tmp, "x:gz", compresslevel=6) as tar,
+        ):
             w = _Writer(tar, name, int(created.timestamp()))
             code_info = _write_code(w, sources, git)
             for rel, src in config:
@@ -861,11 +798,12 @@ def create_package(
                 "files": dict(sorted(w.files.items())),
             }
             w.add_json(MANIFEST, manifest)
-        _publish(tmp, archive)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    except FileExistsError:
+        if not archive.exists():
+            raise
+        raise ExpflowError(
+            f"package {str(archive)!r} already exists; choose another name or remove it"
+        ) from None
     return archive
 
 
@@ -890,7 +828,7 @@ def _write_data(w: _Writer, data: list[tuple[str, Path]], limit: int) -> list[di
             entry = w.add_path(f"data/{rel}", src)
             entries.append({"name": rel, "source": str(src), **entry, "included": f"data/{rel}"})
         else:
-            entries.append({"name": rel, "source": str(src), **_hash_path(src), "included": None})
+            entries.append({"name": rel, "source": str(src), **file_entry(src), "included": None})
     return entries
 
 
@@ -1194,15 +1132,6 @@ def _safe_rel(rel: object) -> bool:
     )
 
 
-def _hash_stream(fh: Any) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    while chunk := fh.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _scan_archive(archive: Path) -> tuple[dict[str, tuple[str, int]], dict[str, bytes], list[str]]:
     """Hashes of every file in the archive (by name below the top folder), the manifest and
     environment bytes, and structural problems, without extracting anything."""
@@ -1236,9 +1165,9 @@ def _scan_archive(archive: Path) -> tuple[dict[str, tuple[str, int]], dict[str, 
                 if rel in (MANIFEST, ENVIRONMENT):
                     raw = fh.read()
                     keep[rel] = raw
-                    found[rel] = (hashlib.sha256(raw).hexdigest(), len(raw))
+                    found[rel] = hash_bytes(raw)
                 else:
-                    found[rel] = _hash_stream(fh)
+                    found[rel] = hash_stream(fh)
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"archive is corrupt or unreadable ({type(exc).__name__}: {exc})")
     return found, keep, problems
@@ -1261,10 +1190,10 @@ def _scan_folder(root: Path) -> tuple[dict[str, tuple[str, int]], dict[str, byte
         if rel in (MANIFEST, ENVIRONMENT):
             raw = p.read_bytes()
             keep[rel] = raw
-            found[rel] = (hashlib.sha256(raw).hexdigest(), len(raw))
+            found[rel] = hash_bytes(raw)
         else:
             with open(p, "rb") as fh:
-                found[rel] = _hash_stream(fh)
+                found[rel] = hash_stream(fh)
     return found, keep, problems
 
 
@@ -1302,15 +1231,9 @@ def verify_package(path: Path | str) -> VerifyReport:
         if rel not in found:
             problems.append(f"{rel}: missing")
             continue
-        sha, size = found[rel]
-        expected = entry if isinstance(entry, dict) else {}
-        if size != expected.get("size"):
-            problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
-        elif sha != expected.get("sha256"):
-            problems.append(
-                f"{rel}: checksum mismatch (sha256 {sha[:12]}..., "
-                f"manifest says {str(expected.get('sha256'))[:12]}...)"
-            )
+        problem = entry_problem(rel, entry, found[rel])
+        if problem:
+            problems.append(problem)
     for rel in sorted(found):
         if rel != MANIFEST and rel not in listed:
             problems.append(f"{rel}: unexpected file, not listed in the manifest")

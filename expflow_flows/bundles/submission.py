@@ -10,7 +10,6 @@ either appears whole or not at all, and an existing bundle is never overwritten.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from expflow_flows.bundles.manifest import HashingReader, bytes_entry, entry_problem, hash_file
 from expflow_flows.errors import ExpflowError
 from expflow_flows.secrets import scrub
 
@@ -97,21 +97,17 @@ def _fsync(path: Path) -> None:
 def _copy(src: Path, dst: Path) -> dict[str, Any]:
     """Copy ``src`` to a new file ``dst``, hashing the bytes as they are written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    size = 0
     try:
         with open(src, "rb") as fin, open(dst, "xb") as fout:
-            while chunk := fin.read(_CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-                size += len(chunk)
+            reader = HashingReader(fin)
+            shutil.copyfileobj(reader, fout, _CHUNK)  # type: ignore[misc]
             fout.flush()
             os.fsync(fout.fileno())
     except OSError as exc:
         raise ExpflowError(
             f"cannot copy {str(src)!r} into the bundle ({exc.strerror or exc})"
         ) from None
-    return {"sha256": digest.hexdigest(), "size": size}
+    return reader.entry()
 
 
 def _write_json(path: Path, data: Any) -> dict[str, Any]:
@@ -120,7 +116,7 @@ def _write_json(path: Path, data: Any) -> dict[str, Any]:
         fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())
-    return {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+    return bytes_entry(raw)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -199,17 +195,6 @@ def write_bundle(
     return final
 
 
-def hash_file(path: Path) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in 1 MiB chunks (bundles and packages)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def read_manifest(path: Path | str) -> dict[str, Any]:
     """The bundle's manifest; a missing or unreadable one is an ExpflowError."""
     mf = Path(path) / MANIFEST
@@ -245,15 +230,9 @@ def verify_bundle(path: Path | str) -> list[str]:
         if not file.exists():
             problems.append(f"{rel}: missing")
             continue
-        expected = entry if isinstance(entry, dict) else {}
-        sha, size = hash_file(file)
-        if size != expected.get("size"):
-            problems.append(f"{rel}: size {size} bytes, manifest says {expected.get('size')}")
-        elif sha != expected.get("sha256"):
-            problems.append(
-                f"{rel}: checksum mismatch (sha256 {sha[:12]}..., "
-                f"manifest says {str(expected.get('sha256'))[:12]}...)"
-            )
+        problem = entry_problem(rel, entry, hash_file(file))
+        if problem:
+            problems.append(problem)
     for file in sorted(root.rglob("*")):
         rel = file.relative_to(root).as_posix()
         if file.is_dir() and not file.is_symlink():

@@ -1,20 +1,19 @@
-"""Audits: named pass/fail/n-a checks of an experiment's results or a PDEBench data file.
+"""Audits: named pass/fail/n-a checks of an experiment's results or of a data file.
 
 :func:`audit_experiment` checks one experiment against the competition rules (primary score
 reported, registry thresholds met, required params present and valid, submission bundle
-intact); :func:`audit_dataset` checks that an HDF5 file is a well-formed PDEBench file named
-as the registry expects. Both take plain data and fail closed: what cannot be read or checked
-where a rule applies is a failure, and ``n/a`` is kept for rules that do not apply.
+intact); :func:`audit_dataset` checks a data file with the dataset audit a workload
+registered for it (the PDE workload's checks PDEBench HDF5 files, see
+:mod:`expflow_flows.workloads`). Both take plain data and fail closed: what cannot be read or
+checked where a rule applies is a failure, and ``n/a`` is kept for rules that do not apply.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import numbers
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -23,24 +22,19 @@ from typing import Any
 import h5py
 import numpy as np
 
+from expflow_flows import workloads
 from expflow_flows.bundles.submission import MANIFEST, METRICS, PARAMS, verify_bundle
 from expflow_flows.errors import ExpflowError
-from expflow_flows.metrics.gates import OPS, Gate
+from expflow_flows.html import render
+from expflow_flows.metrics.gates import Gate
 from expflow_flows.metrics.registry import MetricsRegistry
-from expflow_flows.pde.registry import PROBLEMS, Problem, find_problem_for_file, format_value
+from expflow_flows.metrics.rules import OPS, OPS_TEXT, Condition, RuleSyntaxError, parse_condition
 
 PASS, FAIL, NA = "pass", "fail", "n/a"
-_HTML_STYLE = (
-    "<style>body{font-family:sans-serif;margin:1.5em}"
-    "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:4px 8px;"
-    "text-align:left;vertical-align:top}th{background:#eee}"
-    "tr.pass td:nth-child(2){color:#070}tr.fail td:nth-child(2){color:#b00;"
-    "font-weight:bold}tr.na td:nth-child(2){color:#777}</style>"
-)
 OUTCOMES = (PASS, FAIL, NA)
 PRED_PATTERNS = ("pred*.hdf5", "pred*.h5")
 FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
-_RULE_FORMS = f"'op:value' (e.g. 'gt:0') with op one of {', '.join(OPS)}, or 'present'"
+_RULE_FORMS = f"'op:value' (e.g. 'gt:0') with op one of {OPS_TEXT}, or 'present'"
 # Bytes read at a time when scanning a dataset for NaN/inf, so big files never load whole.
 _SCAN_BYTES = 64 << 20
 
@@ -120,29 +114,13 @@ class AuditReport:
 
     def to_html(self) -> str:
         """A self-contained HTML page with the table of checks."""
-        e = html.escape
-        return (
-            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>Audit: {e(self.subject)}</title>{_HTML_STYLE}</head><body>\n"
-            f"{self.html_section()}</body></html>\n"
+        return render(
+            "audit_report.html.j2", title=f"Audit: {self.subject}", heading=False, reports=[self]
         )
 
     def html_section(self) -> str:
         """The report's heading, verdict and table, for embedding in a bigger page."""
-        e = html.escape
-        rows = "\n".join(
-            f'<tr class="{"na" if c.outcome == NA else c.outcome}"><td>{e(c.name)}</td>'
-            f"<td>{e(c.outcome)}</td><td>{e(c.observed)}</td><td>{e(c.rule)}</td>"
-            f"<td>{e(c.message)}</td></tr>"
-            for c in self.checks
-        )
-        verdict = "PASSED" if self.passed else "FAILED"
-        return (
-            f"<h2>Audit: {e(self.subject)}</h2>\n<p><strong>{verdict}</strong> — "
-            f"{e(self.summary())}</p>\n<table>\n"
-            "<tr><th>check</th><th>outcome</th><th>observed</th><th>rule</th>"
-            f"<th>message</th></tr>\n{rows}\n</table>\n"
-        )
+        return render("audit_section.html.j2", report=self)
 
 
 def _number(raw: object) -> float | None:
@@ -153,7 +131,8 @@ def _number(raw: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _show(raw: object) -> str:
+def show_value(raw: object) -> str:
+    """A value as checks show it: floats and text by repr, anything else by str."""
     if isinstance(raw, float):
         return repr(raw)
     return repr(raw) if isinstance(raw, str) else str(raw)
@@ -192,11 +171,11 @@ def _check_primary(metrics: Mapping[str, Any], primary: str, registry: MetricsRe
         return Check(
             "primary score",
             FAIL,
-            f"{key} = {_show(raw)}",
+            f"{key} = {show_value(raw)}",
             rule,
-            f"primary metric {key} = {_show(raw)} is not a finite number",
+            f"primary metric {key} = {show_value(raw)} is not a finite number",
         )
-    return Check("primary score", PASS, f"{key} = {_show(raw)}", rule, f"{key} is reported")
+    return Check("primary score", PASS, f"{key} = {show_value(raw)}", rule, f"{key} is reported")
 
 
 def _check_threshold(
@@ -215,7 +194,7 @@ def _check_threshold(
     key, raw = found
     result = gate.evaluate({gate.metric: raw})
     outcome = PASS if result.passed else FAIL
-    return Check(name, outcome, f"{key} = {_show(raw)}", rule, result.message)
+    return Check(name, outcome, f"{key} = {show_value(raw)}", rule, result.message)
 
 
 def _norm_param(key: str) -> str:
@@ -235,24 +214,16 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _parse_rule(param: str, rule: object) -> tuple[str, float] | None:
-    """``'gt:0'`` -> ('gt', 0.0); ``'present'`` -> None; anything else is an ExpflowError."""
-    bad = ExpflowError(f"required param rule {param}={rule!r} is not valid; expected {_RULE_FORMS}")
-    if not isinstance(rule, str):
-        raise bad
-    text = rule.strip().lower()
-    if text == "present":
+def _parse_rule(param: str, rule: object) -> Condition | None:
+    """``'gt:0'`` -> gt 0.0; ``'present'`` -> None; anything else is an ExpflowError."""
+    if isinstance(rule, str) and rule.strip().lower() == "present":
         return None
-    parts = [p.strip() for p in text.split(":")]
-    if len(parts) != 2 or parts[0] not in OPS:
-        raise bad
     try:
-        value = float(parts[1])
-    except ValueError:
-        raise bad from None
-    if math.isnan(value):
-        raise bad
-    return parts[0], value
+        return parse_condition(rule)
+    except RuleSyntaxError:
+        raise ExpflowError(
+            f"required param rule {param}={rule!r} is not valid; expected {_RULE_FORMS}"
+        ) from None
 
 
 def _param_number(raw: object) -> float | None:
@@ -265,20 +236,20 @@ def _param_number(raw: object) -> float | None:
     return _number(raw)
 
 
-def _check_param(param: str, rule: tuple[str, float] | None, flat: Mapping[str, Any]) -> Check:
+def _check_param(param: str, rule: Condition | None, flat: Mapping[str, Any]) -> Check:
     name = f"param {param}"
     want = _norm_param(param)
     if rule is None:
         rule_text = f"{param} is set"
     else:
-        rule_text = f"{param} {OPS[rule[0]][1]} {rule[1]!r}"
+        rule_text = f"{param} {rule.symbol} {rule.value!r}"
     matches = {k: v for k, v in flat.items() if _norm_param(k) == want}
     if not matches:
         return Check(
             name, FAIL, "missing", rule_text, f"required param {param!r} is not among the params"
         )
-    observed = ", ".join(f"{k} = {_show(v)}" for k, v in matches.items())
-    if len({_show(v) for v in matches.values()}) > 1:
+    observed = ", ".join(f"{k} = {show_value(v)}" for k, v in matches.items())
+    if len({show_value(v) for v in matches.values()}) > 1:
         return Check(
             name,
             FAIL,
@@ -294,11 +265,10 @@ def _check_param(param: str, rule: tuple[str, float] | None, flat: Mapping[str, 
     value = _param_number(raw)
     if value is None:
         return Check(
-            name, FAIL, observed, rule_text, f"{key} = {_show(raw)} is not a finite number"
+            name, FAIL, observed, rule_text, f"{key} = {show_value(raw)} is not a finite number"
         )
-    op, threshold = rule
-    compare, symbol = OPS[op]
-    if compare(value, threshold):
+    symbol, threshold = rule.symbol, rule.value
+    if rule.holds(value):
         return Check(name, PASS, observed, rule_text, f"{key} = {value!r} {symbol} {threshold!r}")
     return Check(
         name, FAIL, observed, rule_text, f"{key} = {value!r}, needs {symbol} {threshold!r}"
@@ -374,7 +344,7 @@ def _check_bundle_metrics(
     if found is None:
         return Check("bundle metrics", FAIL, "missing", rule, f"{METRICS} lacks {primary!r}")
     ours, theirs = float(reported[1]), _number(found[1])
-    observed = f"{found[0]} = {_show(found[1])}"
+    observed = f"{found[0]} = {show_value(found[1])}"
     if theirs is None or theirs != ours:
         return Check(
             "bundle metrics",
@@ -421,145 +391,23 @@ def audit_experiment(
 # ---------------------------------------------------------------- dataset audit
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """``1D_Advection_Sols_beta{beta}.hdf5`` -> a regex with one named group per placeholder."""
-    out = ""
-    for literal, field_name in re.findall(r"([^{]*)(?:\{(\w+)\})?", pattern):
-        out += re.escape(literal)
-        if field_name:
-            out += f"(?P<{field_name}>.+?)"
-    return re.compile(out)
+@dataclass(frozen=True)
+class DatasetAudit:
+    """A workload's audit of its data files, for the files whose names match ``patterns``."""
+
+    name: str
+    patterns: tuple[str, ...]  # fnmatch patterns of file names, compared case-insensitively
+    audit: Callable[[Path], AuditReport]
+
+    def covers(self, path: Path) -> bool:
+        """True when this audit is the one for ``path`` (by file name)."""
+        name = path.name.lower()
+        return any(fnmatch(name, p.lower()) for p in self.patterns)
 
 
-def _patterns_summary() -> str:
-    return ", ".join(p.file_patterns[0] for p in PROBLEMS)
-
-
-def _name_checks(path: Path, attrs: Mapping[str, Any] | None) -> tuple[Problem | None, list[Check]]:
-    """The problem a file name belongs to, and the checks of the name and its values."""
-    name = path.name
-    problem = find_problem_for_file(name)
-    if problem is None:
-        return None, [
-            Check(
-                "file name",
-                FAIL,
-                name,
-                "a PDEBench file name of a registry problem",
-                f"{name!r} matches no registry problem; known patterns: {_patterns_summary()}",
-            )
-        ]
-    pattern = problem.file_patterns[0]
-    match = _pattern_regex(pattern).fullmatch(name)
-    if match is None:
-        return problem, [
-            Check(
-                "file name",
-                FAIL,
-                name,
-                pattern,
-                f"{name!r} looks like {problem.key} but does not match its pattern {pattern!r}",
-            )
-        ]
-    values = match.groupdict()
-    checks = []
-    # Numbers must be written as PDEBench writes them (0.4, not 0.40), so names round-trip.
-    odd = []
-    for key, text in values.items():
-        spec = problem.param(key)
-        if all(isinstance(v, float) for v in spec.values):
-            try:
-                canonical = format_value(float(text))
-            except ValueError:
-                canonical = None
-            if canonical != text:
-                odd.append(f"{key}={text!r}")
-    checks.append(
-        Check(
-            "file name",
-            FAIL if odd else PASS,
-            name,
-            pattern,
-            (
-                f"{', '.join(odd)} not written as PDEBench writes numbers (e.g. "
-                f"{problem.file_name()!r})"
-                if odd
-                else f"matches {problem.key}'s pattern"
-            ),
-        )
-    )
-    if not values:
-        checks.append(
-            Check("parameter values", NA, "none in the name", "published values", "no parameters")
-        )
-    else:
-        unpublished = []
-        for key, text in values.items():
-            accepted = [format_value(v) for v in problem.param(key).values]
-            if text not in accepted:
-                unpublished.append(f"{key}={text} (accepted: {', '.join(accepted)})")
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        checks.append(
-            Check(
-                "parameter values",
-                FAIL if unpublished else PASS,
-                shown,
-                f"PDEBench's published values of {problem.key}",
-                (
-                    f"not a published value: {'; '.join(unpublished)}"
-                    if unpublished
-                    else "all values are published ones"
-                ),
-            )
-        )
-    checks.append(_attrs_check(problem, values, attrs))
-    return problem, checks
-
-
-def _attrs_check(
-    problem: Problem, values: Mapping[str, str], attrs: Mapping[str, Any] | None
-) -> Check:
-    """Parameters stored as file attributes (our generator stores them) must agree with the name."""
-    rule = "parameters stored in the file agree with its name"
-    if attrs is None:
-        return Check("name matches attributes", NA, "file not read", rule, "the file did not open")
-    stored = {k: attrs[k] for k in values if k in attrs}
-    if "problem" in attrs and str(attrs["problem"]) != problem.key:
-        return Check(
-            "name matches attributes",
-            FAIL,
-            f"problem = {attrs['problem']!r}",
-            rule,
-            f"the file says problem {attrs['problem']!r}, its name says {problem.key!r}",
-        )
-    if not stored:
-        return Check(
-            "name matches attributes", NA, "no parameter attributes", rule, "nothing stored"
-        )
-    wrong = []
-    for key, raw in stored.items():
-        try:
-            same = math.isclose(float(raw), float(values[key]), rel_tol=1e-9, abs_tol=1e-12)
-        except (TypeError, ValueError):
-            same = str(raw) == values[key]
-        if not same:
-            wrong.append(f"{key}: file {_show(raw)}, name {values[key]}")
-    observed = ", ".join(f"{k} = {_show(v)}" for k, v in stored.items())
-    return Check(
-        "name matches attributes",
-        FAIL if wrong else PASS,
-        observed,
-        rule,
-        f"disagree: {'; '.join(wrong)}" if wrong else "the stored parameters agree",
-    )
-
-
-def _plain(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return value
+def dataset_audits() -> list[DatasetAudit]:
+    """The dataset audits the installed workloads registered (the PDE workload's PDEBench one)."""
+    return list(workloads.loaded().dataset_audits)
 
 
 def _scan(ds: h5py.Dataset) -> tuple[int, int, int | None]:
@@ -583,8 +431,8 @@ def _scan(ds: h5py.Dataset) -> tuple[int, int, int | None]:
     return nan, inf, first
 
 
-def _value_checks(datasets: Mapping[str, h5py.Dataset]) -> list[Check]:
-    """dtype float32/float64 and no NaN/inf in each data set."""
+def value_checks(datasets: Mapping[str, h5py.Dataset]) -> list[Check]:
+    """The ``dtype`` (float32/float64) and ``finite values`` checks of HDF5 data sets."""
     dtypes = {k: ds.dtype for k, ds in datasets.items()}
     bad_types = [f"{k}: {d}" for k, d in dtypes.items() if d not in FLOAT_DTYPES]
     observed = ", ".join(f"{k}: {d}" for k, d in dtypes.items())
@@ -622,209 +470,29 @@ def _value_checks(datasets: Mapping[str, h5py.Dataset]) -> list[Check]:
     return checks
 
 
-def _length(f: h5py.File, key: str) -> int | None:
-    ds = f.get(key)
-    if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
-        return None
-    return int(ds.shape[0])
-
-
-def _coord_check(observed: list[str], problems: list[str], rule: str) -> Check:
-    return Check(
-        "coordinates",
-        FAIL if problems else PASS,
-        ", ".join(observed),
-        rule,
-        "; ".join(problems) if problems else "coordinate lengths match the data",
-    )
-
-
-def _coords(
-    lengths: Mapping[str, int | None], sizes: Mapping[str, int], nt: int
-) -> tuple[list[str], list[str]]:
-    """Observed text and problems: space axes must equal the data's size, t nt or nt + 1."""
-    observed, problems = [], []
-    for key, n in lengths.items():
-        observed.append(f"{key}: {n if n is not None else 'missing or not 1-D'}")
-        if key in sizes:
-            if n != sizes[key]:
-                problems.append(f"{key} has {n} entries, the data has {sizes[key]}")
-        elif n not in (nt, nt + 1):
-            problems.append(f"{key} has {n} entries, expected {nt} or {nt + 1} for {nt} frames")
-    return observed, problems
-
-
-def _tensor_checks(f: h5py.File, problem: Problem | None) -> list[Check]:
-    """Single-file layout: ``tensor`` [samples, t, x...], ``x-coordinate``, ``t-coordinate``."""
-    required = ("tensor", "x-coordinate", "t-coordinate")
-    rule = ", ".join(required)
-    missing = [k for k in required if not isinstance(f.get(k), h5py.Dataset)]
-    found = ", ".join(sorted(f.keys())) or "(nothing)"
-    checks = [
-        Check(
-            "required datasets",
-            FAIL if missing else PASS,
-            found,
-            rule,
-            f"missing: {', '.join(missing)}" if missing else "all present",
-        )
-    ]
-    tensor = f.get("tensor")
-    if not isinstance(tensor, h5py.Dataset):
-        return checks + [
-            Check(name, FAIL, "no tensor", r, "'tensor' is missing")
-            for name, r in (
-                ("tensor rank", "[samples, t, x...]"),
-                ("coordinates", "coordinates match the tensor"),
-                ("dtype", "float32 or float64"),
-                ("finite values", "no NaN or inf"),
-            )
-        ]
-    shape = tuple(int(n) for n in tensor.shape)
-    if problem is None:
-        checks.append(
-            Check("tensor rank", NA, f"shape {shape}", "[samples, t, x...]", "no registry problem")
-        )
-    else:
-        want = problem.dims + 2
-        checks.append(
-            Check(
-                "tensor rank",
-                PASS if tensor.ndim == want else FAIL,
-                f"shape {shape}",
-                f"{want} axes [samples, t, x] for a {problem.dims}D problem"
-                if problem.dims == 1
-                else f"{want} axes for a {problem.dims}D problem",
-                f"'tensor' has {tensor.ndim} axes"
-                + ("" if tensor.ndim == want else f", not {want}"),
-            )
-        )
-    if tensor.ndim >= 3:
-        space = ("x-coordinate", "y-coordinate", "z-coordinate")[: tensor.ndim - 2]
-        sizes = dict(zip(space, shape[2:], strict=False))
-        keys = [*space, "t-coordinate"]
-        observed, problems = _coords({k: _length(f, k) for k in keys}, sizes, shape[1])
-        checks.append(
-            _coord_check(
-                [f"tensor: {shape}", *observed],
-                problems,
-                "x-coordinate length = tensor x size; t-coordinate length = frames or frames + 1",
-            )
-        )
-    else:
-        checks.append(
-            Check("coordinates", FAIL, f"shape {shape}", "[samples, t, x...]", "too few axes")
-        )
-    return checks + _value_checks({"tensor": tensor})
-
-
-def _groups_checks(f: h5py.File, problem: Problem | None) -> list[Check]:
-    """One group per sample: ``data`` [t, x..., channels], ``grid/x`` (``grid/y``), ``grid/t``."""
-    groups = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
-    rule = "sample groups, each with 'data'; 'grid/x' and 'grid/t' in each"
-    lacking = [g for g in groups if not isinstance(f[g].get("data"), h5py.Dataset)]
-    if not groups or lacking:
-        what = "no sample groups" if not groups else f"no 'data' in {', '.join(lacking[:5])}"
-        return [
-            Check("required datasets", FAIL, f"{len(groups)} group(s)", rule, what),
-            Check("tensor rank", NA, "no data", "data [t, x..., channels]", "not checked"),
-        ]
-    dims = problem.dims if problem is not None else None
-    space = ("x", "y", "z")[: dims or 1]
-    needed = [f"grid/{a}" for a in (*space, "t")]
-    no_grid = [
-        f"{g}/{k}" for g in groups for k in needed if not isinstance(f[g].get(k), h5py.Dataset)
-    ]
-    checks = [
-        Check(
-            "required datasets",
-            FAIL if no_grid else PASS,
-            f"{len(groups)} sample group(s)",
-            rule,
-            f"missing: {', '.join(no_grid[:5])}" if no_grid else "all present",
-        )
-    ]
-    shapes = {tuple(int(n) for n in f[g]["data"].shape) for g in groups}
-    first = f[groups[0]]["data"]
-    if dims is None:
-        checks.append(Check("tensor rank", NA, f"data {sorted(shapes)}", "", "no registry problem"))
-    else:
-        want = dims + 2
-        ranks_ok = all(len(s) == want for s in shapes)
-        checks.append(
-            Check(
-                "tensor rank",
-                PASS if ranks_ok and len(shapes) == 1 else FAIL,
-                f"data shapes {sorted(shapes)}",
-                f"one shape with {want} axes [t, x..., channels] for a {dims}D problem",
-                "consistent"
-                if ranks_ok and len(shapes) == 1
-                else "the samples' data differ in shape or rank",
-            )
-        )
-    if len(shapes) == 1 and first.ndim >= 3:
-        shape = next(iter(shapes))
-        observed, problems = [], []
-        for g in groups:
-            sizes = {f"grid/{a}": n for a, n in zip(space, shape[1:-1], strict=False)}
-            lengths = {k: _length(f[g], k) for k in needed}
-            obs, probs = _coords(lengths, sizes, shape[0])
-            if g == groups[0]:
-                observed = [f"data: {shape}", *obs]
-            problems += [f"{g}: {p}" for p in probs]
-        checks.append(
-            _coord_check(
-                observed,
-                problems[:5],
-                "grid/x length = data x size; grid/t length = frames or frames + 1",
-            )
-        )
-    else:
-        checks.append(Check("coordinates", NA, "", "", "the data shapes are not uniform"))
-    return checks + _value_checks({f"{g}/data": f[g]["data"] for g in groups})
-
-
 def audit_dataset(path: Path | str) -> AuditReport:
-    """Audit a PDEBench-layout HDF5 file: name, structure, shapes, dtype and finite values."""
+    """Audit a data file with the registered dataset audit that covers its name.
+
+    A file no audit covers fails: nothing vouches for it.
+    """
     path = Path(path).expanduser()
-    subject = f"dataset {path.name}"
-    open_rule = "a readable HDF5 file"
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, ValueError) as exc:
-        reason = "no such file" if not path.exists() else str(exc).splitlines()[0]
-        _, name_checks = _name_checks(path, None)
-        return AuditReport(
-            subject,
-            (
-                *name_checks,
-                Check("file opens", FAIL, reason, open_rule, f"{str(path)!r} did not open"),
+    audits = dataset_audits()
+    for audit in audits:
+        if audit.covers(path):
+            return audit.audit(path)
+    known = "; ".join(f"{a.name} ({', '.join(a.patterns)})" for a in audits) or "none installed"
+    return AuditReport(
+        f"dataset {path.name}",
+        (
+            Check(
+                "file name",
+                FAIL,
+                path.name,
+                "a file name a registered dataset audit covers",
+                f"no dataset audit covers {path.name!r}; registered: {known}",
             ),
-        )
-    with f:
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        problem, checks = _name_checks(path, attrs)
-        checks.append(Check("file opens", PASS, "opened", open_rule, "HDF5 file read"))
-        layout = problem.layout if problem is not None else None
-        if layout is None:
-            # A file name the registry does not know: judge the structure it appears to have.
-            layout = "tensor" if "tensor" in f else "groups"
-        if layout == "tensor":
-            checks += _tensor_checks(f, problem)
-        elif layout == "groups":
-            checks += _groups_checks(f, problem)
-        else:
-            checks.append(
-                Check(
-                    "structure",
-                    NA,
-                    f"layout {layout!r}",
-                    "tensor or per-sample groups layout",
-                    f"{problem.key if problem else 'this'} layout {layout!r} is recognised but "
-                    "its structure is not audited",
-                )
-            )
-    return AuditReport(subject, tuple(checks))
+        ),
+    )
 
 
 # ---------------------------------------------------------------- rules and the ledger
@@ -916,13 +584,4 @@ def combined_markdown(reports: Iterable[AuditReport], title: str = "Audit report
 
 def combined_html(reports: Iterable[AuditReport], title: str = "Audit report") -> str:
     """Several audits in one self-contained HTML page."""
-    reports = list(reports)
-    failed = sum(not r.passed for r in reports)
-    e = html.escape
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
-        f"{_HTML_STYLE}</head><body>\n<h1>{e(title)}</h1>\n"
-        f"<p>{len(reports)} audited, {failed} failed.</p>\n"
-        + "".join(r.html_section() for r in reports)
-        + "</body></html>\n"
-    )
+    return render("audit_report.html.j2", title=title, heading=True, reports=list(reports))

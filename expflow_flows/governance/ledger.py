@@ -17,9 +17,7 @@ which is then retried with a fresh id.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import random
 import re
@@ -30,22 +28,24 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.governance import fsm
 from expflow_flows.home import expflow_home
-
-log = logging.getLogger(__name__)
+from expflow_flows.sqlite import (
+    BUSY_TIMEOUT_S,
+    LOCK_RETRIES,
+    Begin,
+    check_limits,
+    connect,
+    encode_mapping,
+    ensure_schema,
+    run_locked,
+)
 
 LEDGER_ENV = "EXPFLOW_LEDGER"
 SCHEMA_VERSION = 1
-BUSY_TIMEOUT_S = 30.0
-# Extra tries for the "database is locked" that SQLite returns without waiting
-# (WAL recovery, a journal-mode switch); bounded by attempts and by time.
-LOCK_RETRIES = 8
-_BACKOFF_START_S = 0.01
-_BACKOFF_MAX_S = 0.5
 MIN_PREFIX = 6
 _ID_EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 _ID_RE = re.compile(r"^[0-9]{1,19}$")
@@ -53,7 +53,6 @@ _MAX_ID = 2**63 - 1
 _ID_COLLISION_TRIES = 5
 
 T = TypeVar("T")
-Begin = Literal["immediate", "deferred", "none"]
 
 _SCHEMA: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS experiments (
@@ -163,36 +162,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _json_default(value: Any) -> Any:
-    # numpy scalars and paths are common in params and metrics; store their plain value.
-    if isinstance(value, Path):
-        return str(value)
-    item = getattr(value, "item", None)
-    if callable(item):
-        with contextlib.suppress(Exception):
-            plain = item()
-            if isinstance(plain, (int, float, str, bool)) or plain is None:
-                return plain
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    raise TypeError(type(value).__name__)
-
-
-def _encode_mapping(value: object, what: str) -> str:
-    if not isinstance(value, Mapping):
-        raise ExpflowError(f"{what} {value!r} is not a mapping; expected a dict of name: value")
-    for key in value:
-        if not isinstance(key, str):
-            raise ExpflowError(f"{what} key {key!r} is not a string; expected string names")
-    try:
-        return json.dumps(dict(value), sort_keys=True, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise ExpflowError(
-            f"{what} {value!r} cannot be stored as JSON ({exc}); expected numbers, strings, "
-            "booleans, None, lists and dicts"
-        ) from None
-
-
 def _normalize_tags(tags: object) -> tuple[str, ...]:
     if tags is None:
         return ()
@@ -227,14 +196,6 @@ def _optional_text(value: object, what: str) -> str | None:
     return text
 
 
-def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-        return True
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
 def _row(row: sqlite3.Row) -> Experiment:
     return Experiment(
         id=str(row["id"]),
@@ -262,97 +223,7 @@ def default_ledger_path() -> Path:
 # --- the ledger ------------------------------------------------------------------------
 
 
-def ensure_schema(
-    run: Callable[..., Any], statements: Iterable[str], schema_version: int, what: str
-) -> None:
-    """Put an SQLite file in WAL mode and bring its schema to ``schema_version``.
-
-    ``run`` is the owner's ``_run`` (one transaction through :func:`run_locked`). A file
-    with a newer schema is refused with one line; shared by the ledger and the sweep
-    results store.
-    """
-
-    def wal(conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if str(mode).lower() != "wal":
-            # Persistent in the file: set once, by whichever process gets there first.
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("%s: WAL mode is unavailable (got %s)", what, mode)
-
-    def version(conn: sqlite3.Connection) -> int:
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-    def create(conn: sqlite3.Connection) -> None:
-        found = version(conn)
-        if found > schema_version:
-            raise ExpflowError(
-                f"{what} has schema version {found}, newer than this expflow-flows supports "
-                f"({schema_version}); upgrade expflow-flows"
-            )
-        if found < schema_version:
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {schema_version}")
-
-    run(wal, begin="none")
-    # A read first, so an up-to-date file is opened without taking the write lock.
-    if run(version, begin="deferred") != schema_version:
-        run(create)
-
-
-def run_locked(
-    connect: Callable[[], sqlite3.Connection],
-    work: Callable[[sqlite3.Connection], T],
-    *,
-    begin: Begin,
-    lock_retries: int,
-    busy_timeout_s: float,
-    fail: Callable[[sqlite3.Error], ExpflowError],
-    what: str,
-) -> T:
-    """Run ``work`` in one transaction on a fresh connection, retrying while the file is locked.
-
-    Bounded by ``lock_retries`` tries and ``busy_timeout_s`` in all; shared by the ledger and
-    the sweep results store. An integrity error is the caller's to handle.
-    """
-    started = time.monotonic()
-    delay = _BACKOFF_START_S
-    for attempt in range(1, lock_retries + 1):
-        conn: sqlite3.Connection | None = None
-        try:
-            conn = connect()
-            if begin != "none":
-                conn.execute("BEGIN IMMEDIATE" if begin == "immediate" else "BEGIN")
-            result = work(conn)
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-            return result
-        except sqlite3.IntegrityError:
-            raise
-        except sqlite3.OperationalError as exc:
-            if not _is_locked(exc):
-                raise fail(exc) from exc
-            waited = time.monotonic() - started
-            if attempt == lock_retries or waited >= busy_timeout_s:
-                raise ExpflowError(
-                    f"{what} stayed locked by another writer for {waited:.1f} s "
-                    f"({attempt} tries); try again, or stop the process that holds it"
-                ) from exc
-            log.debug("%s locked (try %d): %s", what, attempt, exc)
-        except sqlite3.DatabaseError as exc:
-            raise fail(exc) from exc
-        finally:
-            if conn is not None:
-                # An error (ours or SQLite's) leaves nothing half-written.
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                conn.close()
-        # Jitter keeps processes that collided from colliding again in lockstep.
-        time.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(delay * 2, _BACKOFF_MAX_S)
-    raise AssertionError("unreachable")  # pragma: no cover
+# --- the ledger ------------------------------------------------------------------------
 
 
 class Ledger:
@@ -372,13 +243,7 @@ class Ledger:
                 "(each operation opens its own connection, so an in-memory database would be lost)"
             )
         self.path = Path(path).expanduser() if path is not None else default_ledger_path()
-        if not busy_timeout_s > 0 or lock_retries < 1:
-            raise ExpflowError(
-                f"busy_timeout_s={busy_timeout_s!r}, lock_retries={lock_retries!r} are not valid; "
-                "expected a positive timeout and at least 1 try"
-            )
-        self.busy_timeout_s = float(busy_timeout_s)
-        self.lock_retries = int(lock_retries)
+        self.busy_timeout_s, self.lock_retries = check_limits(busy_timeout_s, lock_retries)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -394,14 +259,7 @@ class Ledger:
     # --- connections and transactions --------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: no implicit transactions; _run issues BEGIN/COMMIT itself.
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA foreign_keys = ON")
-        # Safe in WAL mode: a crash of the process never loses a commit; only a power
-        # loss may roll back the last ones, and the database stays consistent.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
+        return connect(self.path, busy_timeout_s=self.busy_timeout_s, rows=True, foreign_keys=True)
 
     def _fail(self, exc: sqlite3.Error) -> ExpflowError:
         text = str(exc)
@@ -500,7 +358,7 @@ class Ledger:
         name = _text(name, "experiment name")
         kind = _text(kind, "experiment kind")
         trainable = _text(trainable, "trainable", empty_ok=True)
-        params_json = _encode_mapping({} if params is None else params, "params")
+        params_json = encode_mapping({} if params is None else params, "params")
         tags_json = json.dumps(list(_normalize_tags(tags)))
         state = fsm.check_state(state)
         run_dir_text = _optional_text(run_dir, "run_dir")
@@ -681,7 +539,7 @@ class Ledger:
         args: list[Any] = []
         if params is not None:
             sets.append("params = ?")
-            args.append(_encode_mapping(params, "params"))
+            args.append(encode_mapping(params, "params"))
         if tags is not None:
             sets.append("tags = ?")
             args.append(json.dumps(list(_normalize_tags(tags))))
@@ -692,7 +550,7 @@ class Ledger:
             sets.append("flow_run_id = ?")
             args.append(_optional_text(flow_run_id, "flow_run_id"))
         if metrics is not None:
-            _encode_mapping(metrics, "metrics")  # validate before taking the write lock
+            encode_mapping(metrics, "metrics")  # validate before taking the write lock
 
         def work(conn: sqlite3.Connection) -> Experiment:
             eid = self._resolve(conn, exp_id)
@@ -704,7 +562,7 @@ class Ledger:
                 ).fetchone()
                 merged = {**json.loads(old[0]), **dict(metrics)}
                 fields.append("metrics = ?")
-                values.append(_encode_mapping(merged, "metrics"))
+                values.append(encode_mapping(merged, "metrics"))
             if fields:
                 fields.append("updated_at = ?")
                 values.append(_now())

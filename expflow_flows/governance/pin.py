@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from expflow_flows import atomic
 from expflow_flows.errors import ExpflowError, GuardRefused
 from expflow_flows.home import expflow_home
 
@@ -173,23 +174,7 @@ def _mode(path: Path) -> int:
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically to a 0600 file (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        # The umask can only remove bits; fchmod makes the mode exact.
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fd = -1
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic.write_json(path, data, mode=0o600, durable=True, default=None)
     if _mode(path) != 0o600:
         raise ExpflowError(f"{path} has mode {oct(_mode(path))} after writing; expected 0o600")
 

@@ -1,4 +1,4 @@
-"""Reports: a self-contained plotly HTML page for an Optuna study.
+"""Reports: a self-contained plotly HTML page for an Optuna study (``study_report.html.j2``).
 
 plotly.js is inlined once so the page opens offline; the page is a file in the
 run folder and artifacts link to it (big HTML does not belong in the API).
@@ -6,10 +6,11 @@ run folder and artifacts link to it (big HTML does not belong in the API).
 
 from __future__ import annotations
 
-import html
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from expflow_flows.html import render
 
 if TYPE_CHECKING:
     import optuna
@@ -37,31 +38,27 @@ def write_study_report(
     study: optuna.Study, path: Path, *, title: str, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write the study's HTML report to ``path``; a plot that cannot be drawn says why."""
-    sections: list[str] = []
-    include_js: bool | str = True
+    from plotly.offline import get_plotlyjs
+
+    plots: list[dict[str, Any]] = []
     for name, build in _figures(study):
         try:
             fig = build()
         except Exception as exc:  # noqa: BLE001 - one failed plot must not lose the report
-            sections.append(
-                f"<h2>{html.escape(name)}</h2><p>Not drawn: {html.escape(str(exc))}</p>"
-            )
+            plots.append({"name": name, "error": str(exc), "figure": None, "id": None})
             continue
         fig.update_layout(title=name)
-        sections.append(fig.to_html(full_html=False, include_plotlyjs=include_js))
-        include_js = False
-    rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in (extra or {}).items()
-    )
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Study <b>{html.escape(study.study_name)}</b>, {len(study.trials)} trials, "
-        f"written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.</p>"
-        f"<table>{rows}</table>{''.join(sections)}</body></html>"
+        plots.append({"name": name, "error": None, "figure": fig, "id": f"fig{len(plots) + 1}"})
+    drawn = any(p["figure"] is not None for p in plots)
+    page = render(
+        "study_report.html.j2",
+        title=title,
+        study_name=study.study_name,
+        n_trials=len(study.trials),
+        written=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        extra=[(str(k), str(v)) for k, v in (extra or {}).items()],
+        plots=plots,
+        plotly_js=get_plotlyjs() if drawn else "",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

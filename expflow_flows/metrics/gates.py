@@ -11,24 +11,23 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.metrics.rules import OPS, RULE_FORM, parse_rule
 
-# op name -> (comparison, symbol used in messages)
-OPS: dict[str, tuple[Callable[[float, float], bool], str]] = {
-    "lt": (operator.lt, "<"),
-    "le": (operator.le, "<="),
-    "gt": (operator.gt, ">"),
-    "ge": (operator.ge, ">="),
-    "eq": (operator.eq, "=="),
-    "ne": (operator.ne, "!="),
-}
-_OPS_TEXT = ", ".join(OPS)
-_FORMAT = "expected 'metric:op:value' such as 'nrmse:lt:0.05'"
+__all__ = [
+    "OPS",
+    "Gate",
+    "GateResult",
+    "evaluate_gates",
+    "parse_gates",
+    "require_gates",
+]
+
+_FORMAT = f"expected {RULE_FORM}"
 
 
 def _num(x: float) -> str:
@@ -66,32 +65,17 @@ class Gate:
     @classmethod
     def parse(cls, text: str, known_metrics: set[str] | None = None) -> Gate:
         """Parse ``metric:op:value``; with ``known_metrics``, an unknown metric is an error too."""
-        if not isinstance(text, str):
-            raise ExpflowError(f"gate {text!r} is not text; {_FORMAT}")
-        text = text.strip()
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ExpflowError(f"gate {text!r} has {len(parts)} part(s), not 3; {_FORMAT}")
-        metric, op, raw = (p.strip() for p in parts)
-        if not metric:
-            raise ExpflowError(f"gate {text!r} has an empty metric name; {_FORMAT}")
-        if op.lower() not in OPS:
-            raise ExpflowError(f"gate {text!r}: unknown op {op!r}; expected one of {_OPS_TEXT}")
-        op = op.lower()
-        try:
-            threshold = float(raw)
-        except ValueError:
-            raise ExpflowError(
-                f"gate {text!r}: threshold {raw!r} is not a number; {_FORMAT}"
-            ) from None
-        if math.isnan(threshold):
-            raise ExpflowError(f"gate {text!r}: threshold is NaN; expected a number")
+        rule = parse_rule(text, what="gate")
+        metric = rule.metric
         if known_metrics is not None and not (
             metric in known_metrics or _short(metric) in known_metrics
         ):
             known = ", ".join(sorted(known_metrics)) or "(none)"
-            raise ExpflowError(f"gate {text!r}: unknown metric {metric!r}; known metrics: {known}")
-        return cls(metric=metric, op=op, threshold=threshold, text=f"{metric}:{op}:{raw}")
+            raise ExpflowError(
+                f"gate {text.strip()!r}: unknown metric {metric!r}; known metrics: {known}"
+            )
+        op, threshold = rule.condition.op, rule.condition.value
+        return cls(metric=metric, op=op, threshold=threshold, text=rule.text)
 
     def __str__(self) -> str:
         return self.text

@@ -2,8 +2,9 @@
 
 A metric has a short name (``nrmse``) and a ClearML-style full name ``Group/name``
 (``PDE/nrmse``); lookups accept either. A threshold (``lt:18.09``) makes a default gate.
-The built-ins cover the competition scores, PDEBench's metrics and what the built-in PDE
-trainables report; ``<expflow home>/metrics.yaml`` (or the file named by
+The built-ins cover the competition scores and what the built-in trainables report, plus
+the metrics each installed workload registers (the PDE workload adds PDEBench's, see
+:mod:`expflow_flows.workloads`); ``<expflow home>/metrics.yaml`` (or the file named by
 ``$EXPFLOW_METRICS_REGISTRY``) extends or overrides them.
 
 The YAML file is either a list of specs or a mapping ``name -> fields``::
@@ -19,7 +20,6 @@ fields it names (``threshold: null`` removes a threshold).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -28,17 +28,24 @@ from typing import Any
 
 import yaml
 
+from expflow_flows import workloads
 from expflow_flows.errors import ExpflowError
 from expflow_flows.home import expflow_home
-from expflow_flows.metrics.gates import OPS, Gate, parse_gates
-from expflow_flows.pde.metrics import METRIC_KEYS
+from expflow_flows.metrics.gates import Gate, parse_gates
+from expflow_flows.metrics.rules import (
+    OPS_TEXT,
+    RuleSyntaxError,
+    condition,
+    parse_condition,
+    parse_rule,
+)
 
 TYPES = ("float", "int")
 DIRECTIONS = ("minimize", "maximize")
 FIELDS = ("name", "group", "type", "direction", "threshold", "description")
 REGISTRY_ENV = "EXPFLOW_METRICS_REGISTRY"
 REGISTRY_FILE = "metrics.yaml"
-_THRESHOLD_FORMS = f"'op:value' such as 'lt:0.05', [op, value], or null; op one of {', '.join(OPS)}"
+_THRESHOLD_FORMS = f"'op:value' such as 'lt:0.05', [op, value], or null; op one of {OPS_TEXT}"
 # Characters a name cannot hold: '/' separates the group, ':' and ',' separate gates.
 _FORBIDDEN = "/:,"
 
@@ -67,30 +74,21 @@ def _threshold(raw: object, name: str, group: str) -> Threshold | None:
     )
     if raw is None:
         return None
-    if isinstance(raw, str):
-        parts = [p.strip() for p in raw.split(":")]
-        if len(parts) == 3:
-            if parts[0] not in (name, full):
-                raise bad
-            parts = parts[1:]
-        if len(parts) != 2:
-            raise bad
-        op, value = parts
-    elif isinstance(raw, (list, tuple)) and len(raw) == 2:
-        op, value = raw
-    else:
-        raise bad
-    if not isinstance(op, str) or op.strip().lower() not in OPS:
-        raise bad
-    if isinstance(value, bool):
-        raise bad
     try:
-        number = float(value)
-    except (TypeError, ValueError):
+        if isinstance(raw, str) and raw.count(":") == 2:
+            rule = parse_rule(raw)
+            if rule.metric not in (name, full):
+                raise bad
+            cond = rule.condition
+        elif isinstance(raw, str):
+            cond = parse_condition(raw)
+        elif isinstance(raw, (list, tuple)) and len(raw) == 2:
+            cond = condition(*raw)
+        else:
+            raise bad
+    except RuleSyntaxError:
         raise bad from None
-    if not math.isfinite(number):
-        raise bad
-    return op.strip().lower(), number
+    return cond.op, cond.value
 
 
 @dataclass(frozen=True)
@@ -157,18 +155,8 @@ def _spec(name: str, group: str, direction: str = "minimize", **kw: Any) -> Metr
     return MetricSpec(name=name, group=group, direction=direction, **kw)
 
 
-_PDEBENCH_TEXT = {
-    "rmse": "PDEBench RMSE over space, averaged over batch, channels and time",
-    "nrmse": "PDEBench normalised RMSE (error RMS / target RMS per sample)",
-    "crmse": "PDEBench conserved-quantity RMSE",
-    "max_err": "PDEBench largest absolute error",
-    "brmse": "PDEBench boundary RMSE",
-    "fourier_low": "PDEBench Fourier-space error, low wave numbers",
-    "fourier_mid": "PDEBench Fourier-space error, middle wave numbers",
-    "fourier_high": "PDEBench Fourier-space error, high wave numbers",
-}
-
-BUILTIN: tuple[MetricSpec, ...] = (
+# The core's own metrics; builtin_specs() adds the workloads' (BUILTIN is both).
+CORE_METRICS: tuple[MetricSpec, ...] = (
     _spec("seg_total", "Score", "maximize", description="competition segmentation total score"),
     _spec(
         "pde_mean",
@@ -186,7 +174,6 @@ BUILTIN: tuple[MetricSpec, ...] = (
     _spec("train_loss", "Loss", description="training loss (last epoch)"),
     _spec("val_nrmse", "Loss", description="validation nRMSE (the HPO objective)"),
     _spec("val_rmse", "Loss", description="validation RMSE at the best epoch"),
-    *(_spec(key, "PDE", description=_PDEBENCH_TEXT[key]) for key in METRIC_KEYS),
     _spec("train_time_s", "Time", description="training wall time in seconds"),
     _spec("eval_time_s", "Time", description="evaluation wall time in seconds"),
     _spec("best_epoch", "Train", type="int", description="epoch of the best validation nRMSE"),
@@ -204,6 +191,18 @@ BUILTIN: tuple[MetricSpec, ...] = (
 )
 
 
+def builtin_specs() -> tuple[MetricSpec, ...]:
+    """The core's metrics and those the installed workloads register (loaded on first call)."""
+    return (*CORE_METRICS, *workloads.loaded().metrics)
+
+
+def __getattr__(name: str) -> Any:
+    # BUILTIN includes the workloads' metrics, so it is built on first use, not at import.
+    if name == "BUILTIN":
+        return builtin_specs()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class MetricsRegistry:
     """Metric specs by full name; lookups accept ``name`` or ``Group/name``."""
 
@@ -216,8 +215,8 @@ class MetricsRegistry:
 
     @classmethod
     def builtin(cls) -> MetricsRegistry:
-        """The built-in registry."""
-        return cls(BUILTIN)
+        """The built-in registry: the core's metrics and the installed workloads'."""
+        return cls(builtin_specs())
 
     @classmethod
     def from_yaml(cls, path: Path | str, base: MetricsRegistry | None = None) -> MetricsRegistry:
@@ -412,7 +411,7 @@ def parse_gates_strict(
 
 
 __all__ = [
-    "BUILTIN",
+    "CORE_METRICS",
     "DIRECTIONS",
     "FIELDS",
     "REGISTRY_ENV",
@@ -420,6 +419,7 @@ __all__ = [
     "TYPES",
     "MetricSpec",
     "MetricsRegistry",
+    "builtin_specs",
     "load_registry",
     "parse_gates_strict",
     "registry_path",

@@ -8,4 +8,7 @@ Submodules (import them directly; this package imports nothing heavy):
 * :mod:`expflow_flows.pde.model` - a numpy spectral-operator baseline trained autoregressively.
 * :mod:`expflow_flows.pde.metrics` - PDEBench's ``metric_func`` metrics in numpy.
 * :mod:`expflow_flows.pde.trainables` - ``train`` / ``evaluate`` callables for the trainable contract.
+* :mod:`expflow_flows.pde.audit` - the PDEBench dataset audit.
+* :mod:`expflow_flows.pde.plugin` - ``register``: adds the PDEBench metrics and dataset audit
+  to the generic registries (entry point ``pde`` of the ``expflow_flows.workloads`` group).
 """

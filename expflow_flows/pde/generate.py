@@ -22,8 +22,6 @@ Solvers:
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from expflow_flows import atomic
 from expflow_flows.errors import ExpflowError
 from expflow_flows.home import data_dir
 from expflow_flows.pde.registry import Problem, generatable_keys, get_problem
@@ -325,17 +324,11 @@ def generate(
 def _write_atomic(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """Write an HDF5 file under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, data in datasets.items():
-                f.create_dataset(name, data=data)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data)
+        for key, value in attrs.items():
+            f.attrs[key] = value
 
 
 def _matches(path: Path, expected: dict[str, Any]) -> bool:

@@ -29,14 +29,13 @@ here the 3D boundary error is per channel, like 1D and 2D.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from expflow_flows import atomic
 from expflow_flows.errors import ExpflowError
 
 METRIC_KEYS = (
@@ -224,24 +223,18 @@ def write_predictions(
         if target.shape != pred.shape:
             raise ExpflowError(f"target shape {target.shape} differs from pred shape {pred.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("pred", data=pred)
-            if target is not None:
-                f.create_dataset("target", data=target)
-            if x is not None:
-                f.create_dataset("x-coordinate", data=np.asarray(x, dtype=np.float32))
-            if t is not None:
-                f.create_dataset("t-coordinate", data=np.asarray(t, dtype=np.float32))
-            f.attrs["layout"] = LAYOUTS[pred.ndim]
-            f.attrs["source"] = "PDEBench metric_func layout (batch, x..., t, channels)"
-            if initial_step is not None:
-                f.attrs["initial_step"] = int(initial_step)
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic.replacing(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("pred", data=pred)
+        if target is not None:
+            f.create_dataset("target", data=target)
+        if x is not None:
+            f.create_dataset("x-coordinate", data=np.asarray(x, dtype=np.float32))
+        if t is not None:
+            f.create_dataset("t-coordinate", data=np.asarray(t, dtype=np.float32))
+        f.attrs["layout"] = LAYOUTS[pred.ndim]
+        f.attrs["source"] = "PDEBench metric_func layout (batch, x..., t, channels)"
+        if initial_step is not None:
+            f.attrs["initial_step"] = int(initial_step)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
     return path

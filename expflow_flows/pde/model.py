@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from expflow_flows import atomic
 from expflow_flows.errors import ExpflowError
 
 MODEL_FILE = "model.npz"
@@ -197,10 +198,9 @@ class SpectralOperator1D:
         meta = {"config": asdict(self.config), "nx": self.nx, "modes_used": self.m, **(extra or {})}
         text = json.dumps(meta, indent=2, sort_keys=True, default=str)
         path = folder / MODEL_FILE
-        tmp = folder / f".{MODEL_FILE}.tmp.npz"
-        np.savez(tmp, config_json=np.array(text), **self.params)
-        tmp.replace(path)
-        (folder / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+        with atomic.replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, config_json=np.array(text), **self.params)
+        atomic.write_text(folder / CONFIG_FILE, text + "\n")
         return path
 
     @classmethod

@@ -9,13 +9,14 @@ run's own artifacts. A run can be re-run from that folder alone.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from expflow_flows import atomic
 
 STATUSES = ("ok", "warning", "pruned", "failed")
 
@@ -24,12 +25,6 @@ def new_run_id(prefix: str = "run") -> str:
     """A time-ordered, collision-resistant run id such as ``train-20261122-220403-9f3a``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return f"{prefix}-{stamp}-{secrets.token_hex(2)}"
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -49,17 +44,17 @@ class RunDir:
         return self.path / "output.log"
 
     def write_params(self, params: dict[str, Any]) -> None:
-        _write_json(self.path / "params.json", params)
+        atomic.write_json(self.path / "params.json", params)
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
-        _write_json(self.path / "metrics.json", metrics)
+        atomic.write_json(self.path / "metrics.json", metrics)
 
     def write_metadata(self, metadata: dict[str, Any]) -> None:
-        _write_json(self.path / "metadata.json", metadata)
+        atomic.write_json(self.path / "metadata.json", metadata)
 
     def write_intermediate(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            _write_json(self.path / "intermediate.json", rows)
+            atomic.write_json(self.path / "intermediate.json", rows)
 
     def write_status(
         self, status: str, reason: str = "", warnings: list[str] | None = None
@@ -70,7 +65,7 @@ class RunDir:
         if reason:
             lines.append(reason.replace("\n", " "))
         lines += [f"warning: {w}" for w in warnings or []]
-        (self.path / "status").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        atomic.write_text(self.path / "status", "\n".join(lines) + "\n")
 
     def read_status(self) -> tuple[str, str]:
         """The status word and the reason line ('' when none)."""

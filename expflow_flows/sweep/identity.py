@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from expflow_flows.bundles.manifest import hash_file
 from expflow_flows.errors import ExpflowError
 from expflow_flows.runs.trainable import Trainable
 
@@ -31,14 +32,10 @@ def _canonical(obj: Any) -> str:
 @lru_cache(maxsize=4096)
 def file_checksum(path: str) -> str:
     """SHA-256 of a file's bytes (cached per path for one process)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        return hash_file(path)[0]
     except OSError as exc:
         raise ExpflowError(f"cannot read {path!r} to checksum it: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def trainable_fingerprint(spec: str) -> str:

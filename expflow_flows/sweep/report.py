@@ -2,9 +2,10 @@
 
 Rows are a sweep's results table as dicts (``combo_id``, ``combo_index``, ``step``, ``status``,
 ``reason``, ``log_excerpt``, ``run_dir``, ``wall_s``, ``cpu_s``, ``peak_rss_mb`` and flattened
-``param:<name>`` / ``metric:<name>`` keys). Every user-supplied string is HTML-escaped, and the
-figure JSON inside ``<script>`` has ``<``, ``>``, ``&`` written as ``\\u003c`` … so a value such
-as ``</script>`` cannot end the script.
+``param:<name>`` / ``metric:<name>`` keys). The pages are the autoescaped templates
+``templates/sweep_dashboard.html.j2`` and ``sweep_status.html.j2``; figure JSON inside
+``<script>`` has ``<``, ``>``, ``&`` written as ``\\u003c`` … so a value such as ``</script>``
+cannot end the script. Text inside plotly figures is escaped for plotly's own markup (``_t``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.html import render
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,7 @@ _REFRESH = re.compile(r"<meta\s+http-equiv=['\"]?refresh['\"]?[^>]*>", re.IGNORE
 _CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
-# --------------------------------------------------------------------------- escaping
-
-
-def _h(value: Any) -> str:
-    """Escape for HTML text and attributes."""
-    return html.escape(str(value), quote=True)
+# --------------------------------------------------------------------------- plotly text
 
 
 def _t(value: Any) -> str:
@@ -71,14 +68,6 @@ def _t(value: Any) -> str:
 def _tpl(value: Any) -> str:
     """Escape for a plotly hovertemplate, where ``%{`` would start a placeholder."""
     return _t(value).replace("%", "&#37;")
-
-
-def _script_json(fig: Any) -> str:
-    """The figure as JSON that is safe inside ``<script>``."""
-    from plotly.io.json import to_json_plotly
-
-    # to_json_plotly already writes < > / as \u escapes; & is added so no entity survives raw.
-    return to_json_plotly(fig).replace("&", "\\u0026")
 
 
 # --------------------------------------------------------------------------- data shaping
@@ -374,70 +363,32 @@ def _histograms(metrics: list[tuple[str, np.ndarray]]) -> Any:
     return fig
 
 
-# --------------------------------------------------------------------------- HTML pieces
+# --------------------------------------------------------------------------- page data
+# What the templates (templates/sweep_*.html.j2) print; they escape every value.
 
 
-_DASH_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222}"
-    "h2{margin-top:1.6em;border-bottom:1px solid #ddd}"
-    "table{border-collapse:collapse;font-size:13px}"
-    "td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;white-space:nowrap}"
-    "th{background:#f5f5f5}.scroll{overflow-x:auto}.note{color:#666}"
-    ".chip{display:inline-block;width:.9em;height:.9em;border-radius:2px;"
-    "vertical-align:middle;margin-right:.4em}"
-    "nav a{margin-right:1em}"
-)
-
-
-def _chip(status: str) -> str:
-    return f"<span class='chip' style='background:{COLOURS.get(status, _OTHER_COLOUR)}'></span>"
-
-
-def _status_section(combos: list[dict[str, Any]], n_rows: int) -> str:
+def _status_data(combos: list[dict[str, Any]], n_rows: int) -> dict[str, Any]:
     counts = Counter(_status(r) for r in combos)
     order = [s for s in STATUSES if counts[s]] + sorted(set(counts) - set(STATUSES))
-    total = len(combos) or 1
-    body = "".join(
-        f"<tr><td>{_chip(s)}{_h(s)}</td><td>{counts[s]}</td>"
-        f"<td>{100 * counts[s] / total:.1f}%</td></tr>"
-        for s in order
-    )
-    out = [
-        "<section id='status'><h2>Status</h2>",
-        f"<p>{len(combos)} combinations ({n_rows} rows). Only ok and warning rows enter the "
-        "plots; the others are counted here.</p>",
-        f"<table><tr><th>status</th><th>count</th><th>share</th></tr>{body}</table>",
-    ]
     steps = list(dict.fromkeys(str(r.get("step") or "") for r in combos))
+    by_step = []
     if len(steps) > 1:
         by = Counter((str(r.get("step") or ""), _status(r)) for r in combos)
-        head = "".join(f"<th>{_h(s)}</th>" for s in order)
-        lines = "".join(
-            f"<tr><td>{_h(st) or '—'}</td>"
-            + "".join(f"<td>{by[(st, s)]}</td>" for s in order)
-            + "</tr>"
-            for st in steps
-        )
-        out.append(f"<h3>By step</h3><table><tr><th>step</th>{head}</tr>{lines}</table>")
+        by_step = [(st, [by[(st, s)] for s in order]) for st in steps]
     reasons = Counter(
         (_status(r), str(r.get("reason") or "")[:200])
         for r in combos
         if _status(r) != "ok" and r.get("reason")
     )
-    if reasons:
-        lines = "".join(
-            f"<tr><td>{_chip(s)}{_h(s)}</td><td>{n}</td><td>{_h(reason)}</td></tr>"
-            for (s, reason), n in reasons.most_common(10)
-        )
-        out.append(
-            "<h3>Most common reasons</h3><table><tr><th>status</th><th>count</th>"
-            f"<th>reason</th></tr>{lines}</table>"
-        )
-    out.append("</section>")
-    return "".join(out)
+    return {
+        "n_rows": n_rows,
+        "status_counts": [(s, counts[s]) for s in order],
+        "by_step": by_step,
+        "reasons": [(s, reason, n) for (s, reason), n in reasons.most_common(10)],
+    }
 
 
-def _top_table(
+def _top_data(
     combos: list[dict[str, Any]],
     y_all: np.ndarray,
     good: np.ndarray,
@@ -446,24 +397,23 @@ def _top_table(
     metrics: list[str],
     maximize: bool,
     top_k: int,
-) -> str:
-    head = f"<section id='top'><h2>Top {top_k}</h2>"
+) -> dict[str, Any]:
+    top: dict[str, Any] = {"k": top_k, "note": None}
     if objective is None:
-        return head + "<p class='note'>No metric recorded, so there is no ranking.</p></section>"
+        return top | {"note": "No metric recorded, so there is no ranking."}
     idx = np.flatnonzero(good)
     if not len(idx):
-        return head + "<p class='note'>No ok or warning rows with a finite objective.</p></section>"
+        return top | {"note": "No ok or warning rows with a finite objective."}
     key = -y_all[idx] if maximize else y_all[idx]
     best = idx[np.argsort(key, kind="stable")[:top_k]]
     others = [m for m in metrics if m != objective]
-    cols = (
+    columns = (
         ["rank", "combo", "status", objective]
         + params
         + others
         + ["wall_s", "peak_rss_mb", "run_dir"]
     )
-    th = "".join(f"<th>{_h(c)}</th>" for c in cols)
-    lines = []
+    rows = []
     for rank, i in enumerate(best, 1):
         r = combos[i]
         cells = [
@@ -475,37 +425,24 @@ def _top_table(
         cells += [_fmt(r.get(PARAM + p, "")) for p in params]
         cells += [_fmt(r.get(METRIC + m, "")) for m in others]
         cells += [_fmt(r.get(k, "")) for k in ("wall_s", "peak_rss_mb", "run_dir")]
-        lines.append("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>")
+        rows.append(cells)
     direction = "highest" if maximize else "lowest"
-    return (
-        head + f"<p>By {direction} <b>{_h(objective)}</b>, among ok and warning rows.</p>"
-        f"<div class='scroll'><table><tr>{th}</tr>{''.join(lines)}</table></div></section>"
-    )
+    return top | {"objective": objective, "direction": direction, "columns": columns, "rows": rows}
 
 
 class _Figures:
-    """Collects figure divs; plotly.js itself goes into the page head once."""
+    """Numbers the figures of a page; plotly.js itself goes into the page head once."""
 
     def __init__(self) -> None:
         self.n = 0
 
-    def div(self, fig: Any) -> str:
+    def part(self, fig: Any) -> dict[str, Any]:
         self.n += 1
-        fid = f"fig{self.n}"
-        return (
-            f"<div id='{fid}' class='plotly-graph-div' style='width:100%'></div>"
-            f"<script>(function(){{var f={_script_json(fig)};"
-            f"Plotly.newPlot('{fid}',f.data,f.layout,"
-            "{responsive:true,displaylogo:false});})();</script>"
-        )
+        return {"figure": fig, "id": f"fig{self.n}"}
 
 
-def _section(sid: str, heading: str, content: str) -> str:
-    return f"<section id='{sid}'><h2>{_h(heading)}</h2>{content}</section>"
-
-
-def _note(text: str) -> str:
-    return f"<p class='note'>{_h(text)}</p>"
+def _note(text: str) -> dict[str, str]:
+    return {"note": text}
 
 
 def _atomic_write(path: Path, text: str) -> Path:
@@ -568,7 +505,7 @@ def write_dashboard(
     y = y_all[good]
 
     figs = _Figures()
-    sections: list[str] = []
+    sections: list[dict[str, Any]] = []
     axes_all = {p: _axis(p, [r.get(PARAM + p) for r in combos]) for p in params}
     varied = [p for p in params if axes_all[p].n > 1]
     axes = {p: _subset(axes_all[p], good) for p in varied}
@@ -587,11 +524,12 @@ def write_dashboard(
     obj = objective or ""  # only used below when there is data, i.e. an objective
 
     # Heatmaps over pairs of the most important params.
+    parts: list[dict[str, Any]]
     if no_data:
-        content = _note(no_data)
+        parts = [_note(no_data)]
     elif len(varied) < 2:
         only = f" (only {varied[0]} varies)" if varied else ""
-        content = _note(f"Heatmaps need at least two varied parameters{only}.")
+        parts = [_note(f"Heatmaps need at least two varied parameters{only}.")]
     else:
         fparam = facet
         if fparam is None and len(ranked) >= 3 and axes[ranked[2]].n <= _FEW_VALUES:
@@ -604,34 +542,34 @@ def write_dashboard(
         if len(pair_params) < 2:
             parts.append(_note(f"Only one parameter varies besides the facet {fparam}."))
         for a, b in itertools.combinations(pair_params, 2):
-            parts.append(figs.div(_heatmap(axes[a], axes[b], fax, y, obj, maximize)))
+            parts.append(figs.part(_heatmap(axes[a], axes[b], fax, y, obj, maximize)))
         if fax is not None and fax.n > _MAX_FACETS:
             parts.append(_note(f"Facets show the {_MAX_FACETS} most frequent values of {fparam}."))
-        content = "".join(parts)
-    sections.append(_section("heatmaps", "Heatmaps", content))
+    sections.append({"id": "heatmaps", "heading": "Heatmaps", "parts": parts})
 
     # Parallel coordinates.
     if no_data:
-        content = _note(no_data)
+        parts = [_note(no_data)]
     elif not varied:
-        content = _note("No parameter varies; there is nothing to relate the objective to.")
+        parts = [_note("No parameter varies; there is nothing to relate the objective to.")]
     else:
-        content = figs.div(_parcoords([axes[p] for p in ranked[:12]], y, obj, maximize))
-    sections.append(_section("parallel", "Parallel coordinates", content))
+        parts = [figs.part(_parcoords([axes[p] for p in ranked[:12]], y, obj, maximize))]
+    sections.append({"id": "parallel", "heading": "Parallel coordinates", "parts": parts})
 
     # Marginal effects.
     if no_data:
-        content = _note(no_data)
+        parts = [_note(no_data)]
     elif not varied:
-        content = _note("No parameter varies.")
+        parts = [_note("No parameter varies.")]
     else:
-        content = figs.div(
-            _marginals([axes[p] for p in ranked[:_MAX_PANELS]], imps, y, obj)
-        ) + _note(
-            "η² is the share of the objective's variance explained by the parameter's values "
-            f"(continuous parameters in up to {_N_BINS} quantile bins)."
-        )
-    sections.append(_section("marginals", "Marginal effects", content))
+        parts = [
+            figs.part(_marginals([axes[p] for p in ranked[:_MAX_PANELS]], imps, y, obj)),
+            _note(
+                "η² is the share of the objective's variance explained by the parameter's "
+                f"values (continuous parameters in up to {_N_BINS} quantile bins)."
+            ),
+        ]
+    sections.append({"id": "marginals", "heading": "Marginal effects", "parts": parts})
 
     # Metric distributions.
     dists = []
@@ -643,69 +581,51 @@ def write_dashboard(
         if len(vals):
             dists.append((m, vals))
     if dists:
-        content = figs.div(_histograms(dists))
+        parts = [figs.part(_histograms(dists))]
     elif metrics:
-        content = _note("No ok or warning rows with finite metric values.")
+        parts = [_note("No ok or warning rows with finite metric values.")]
     else:
-        content = _note("No metric was recorded.")
-    sections.append(_section("metrics", "Metric distributions", content))
+        parts = [_note("No metric was recorded.")]
+    sections.append({"id": "metrics", "heading": "Metric distributions", "parts": parts})
 
-    top = _top_table(combos, y_all, good, objective, params, metrics, maximize, top_k)
-    summary = (
-        f"{len(combos)} combinations, {int(good.sum())} with an ok/warning objective. "
-        + (
-            f"Objective <b>{_h(objective)}</b> ({'maximize' if maximize else 'minimize'}). "
-            if objective
-            else ""
-        )
-        + ("Parameters by importance: " + ", ".join(_h(p) for p in ranked) + ". " if ranked else "")
-        + f"Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}."
-    )
-    nav = "".join(
-        f"<a href='#{sid}'>{name}</a>"
-        for sid, name in (
-            ("status", "Status"),
-            ("top", "Top"),
-            ("heatmaps", "Heatmaps"),
-            ("parallel", "Parallel coordinates"),
-            ("marginals", "Marginal effects"),
-            ("metrics", "Metrics"),
-        )
-    )
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{_h(title)}</title><style>{_DASH_CSS}</style>"
-        f"<script type='text/javascript'>{get_plotlyjs()}</script>"
-        f"</head><body><h1>{_h(title)}</h1><p>{summary}</p><nav>{nav}</nav>"
-        + _status_section(combos, len(raw_rows))
-        + top
-        + "".join(sections)
-        + "</body></html>"
+    page = render(
+        "sweep_dashboard.html.j2",
+        title=title,
+        plotly_js=get_plotlyjs(),
+        colours=COLOURS,
+        other_colour=_OTHER_COLOUR,
+        n_combos=len(combos),
+        n_good=int(good.sum()),
+        objective=objective,
+        maximize=maximize,
+        ranked=ranked,
+        written=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        top=_top_data(combos, y_all, good, objective, params, metrics, maximize, top_k),
+        sections=sections,
+        **_status_data(combos, len(raw_rows)),
     )
     return _atomic_write(path, page)
 
 
-_STATUS_CSS = (
-    "body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222}"
-    ".bar{height:10px;background:#eee;border-radius:5px;overflow:hidden;max-width:40em}"
-    ".bar>div{height:100%;background:#2e7d32}"
-    "#grid{display:grid;grid-template-columns:repeat(auto-fill,14px);gap:2px;margin-top:1em}"
-    "#grid>*{width:14px;height:14px}#grid i{outline:1px solid #ccc;outline-offset:-1px}"
-    "details>summary{list-style:none;width:14px;height:14px;cursor:pointer;border-radius:2px}"
-    "details>summary::-webkit-details-marker{display:none}"
-    "details[open]{grid-column:1/-1;width:auto!important;height:auto!important;"
-    "border:1px solid #999;padding:4px 8px;background:#fafafa}"
-    "details p{margin:.3em 0;font-size:13px}"
-    "pre{white-space:pre-wrap;font-size:12px;max-height:20em;overflow:auto;margin:.3em 0}"
-    + "".join(f".{s[0]}>summary{{background:{c}}}" for s, c in COLOURS.items())
-    + f".x>summary{{background:{_OTHER_COLOUR}}}"
-    + ".chip{display:inline-block;width:.9em;height:.9em;border-radius:2px;"
-    "vertical-align:middle;margin:0 .3em 0 1em}"
-)
 # Log excerpts are the bulk of the page: cap each one and the page's total.
 _EXCERPT_CAP = {"failed": 2000, "warning": 1000, "pruned": 500}
 _EXCERPT_CAP_OTHER = 300
 _EXCERPT_BUDGET = 2_500_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    """One combination's cell on the status page (attributes: templates read them fastest)."""
+
+    cls: str  # the status's CSS class: its first letter, or x
+    index: Any
+    status: str
+    step: Any
+    combo_id: Any
+    params: list[tuple[str, str]]
+    reason: str
+    run_dir: str
+    excerpt: str
 
 
 def _order(row: Mapping[str, Any]) -> tuple[bool, float, str]:
@@ -742,66 +662,47 @@ def write_status_page(
             continue
         cap = _EXCERPT_CAP.get(_status(combos[i]), _EXCERPT_CAP_OTHER)
         # Keep the tail: the end of a log is where the error is.
-        tail = _h(text[-cap:])
-        if len(tail) > budget:
-            tail = ""
-        budget -= len(tail)
+        tail = text[-cap:]
+        size = len(html.escape(tail))
+        if size > budget:
+            tail, size = "", 0
+        budget -= size
         cut = "" if tail and len(text) <= cap else "\n… (cut; see the run folder)"
-        excerpts[i] = tail + _h(cut)
+        excerpts[i] = tail + cut
 
     cells = []
     for i, r in enumerate(combos):
         st = _status(r)
-        cls = st[0] if st in COLOURS else "x"
-        idx = r.get("combo_index", i)
-        params = " · ".join(
-            f"{_h(_clip(k[len(PARAM) :]))}={_h(_clip(_fmt(v)))}"
-            for k, v in r.items()
-            if k.startswith(PARAM)
+        cells.append(
+            _Cell(
+                cls=st[0] if st in COLOURS else "x",
+                index=r.get("combo_index", i),
+                status=st,
+                step=r.get("step"),
+                combo_id=r.get("combo_id"),
+                params=[
+                    (_clip(k[len(PARAM) :]), _clip(_fmt(v)))
+                    for k, v in r.items()
+                    if k.startswith(PARAM)
+                ],
+                reason=_clip(r["reason"], 1000) if r.get("reason") else "",
+                run_dir=_clip(r["run_dir"], 500) if r.get("run_dir") else "",
+                excerpt=excerpts.get(i, ""),
+            )
         )
-        parts = [
-            f"<details class={cls}><summary title='#{_h(idx)} {_h(st)}'></summary>",
-            f"<p><b>#{_h(idx)}</b> {_h(st)}"
-            + (f" at {_h(r['step'])}" if r.get("step") else "")
-            + (f" · {_h(r['combo_id'])}" if r.get("combo_id") is not None else "")
-            + "</p>",
-        ]
-        if params:
-            parts.append(f"<p>{params}</p>")
-        if r.get("reason"):
-            parts.append(f"<p>{_h(_clip(r['reason'], 1000))}</p>")
-        if r.get("run_dir"):
-            parts.append(f"<p>{_h(_clip(r['run_dir'], 500))}</p>")
-        if i in excerpts:
-            parts.append(f"<pre>{excerpts[i]}</pre>")
-        parts.append("</details>")
-        cells.append("".join(parts))
-    cells.append("<i></i>" * pending)
 
-    shown = f"{done} / {total}" if total is not None else str(done)
-    frac = min(1.0, done / total) if total else 1.0
-    legend = "".join(
-        f"<span class='chip' style='background:{COLOURS.get(s, _OTHER_COLOUR)}'></span>"
-        f"{_h(s)} {counts[s]}"
-        for s in order
-    )
-    state = (
-        f"running; this page reloads every {int(refresh_s)} s"
-        if refresh_s is not None
-        else "finished"
-    )
-    refresh = (
-        f"<meta http-equiv='refresh' content='{int(refresh_s)}'>" if refresh_s is not None else ""
-    )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'>{refresh}"
-        f"<title>{_h(title)}</title><style>{_STATUS_CSS}</style></head><body>"
-        f"<h1>{_h(title)}</h1>"
-        f"<p id='summary'><b id='done'>{shown}</b> done ({state}).{legend}</p>"
-        f"<div class='bar'><div style='width:{100 * frac:.1f}%'></div></div>"
-        f"<p>Written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. "
-        "Click a cell for its parameters, reason and log excerpt.</p>"
-        f"<div id='grid'>{''.join(cells)}</div></body></html>"
+    page = render(
+        "sweep_status.html.j2",
+        title=title,
+        refresh_s=int(refresh_s) if refresh_s is not None else None,
+        colours=COLOURS,
+        other_colour=_OTHER_COLOUR,
+        shown=f"{done} / {total}" if total is not None else str(done),
+        fraction=min(1.0, done / total) if total else 1.0,
+        legend=[(s, counts[s]) for s in order],
+        written=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        cells=cells,
+        pending=pending,
     )
     return _atomic_write(path, page)
 
@@ -867,7 +768,7 @@ def export_png(
             if _REFRESH.search(text):
                 # A self-reloading page never lets the virtual time budget run out; shoot a
                 # copy without the reload, with <base> so relative links still resolve.
-                base = f"<base href='{_h(src.parent.as_uri())}/'>"
+                base = render("base_href.html.j2", href=f"{src.parent.as_uri()}/").strip()
                 src = Path(tmp) / "page.html"
                 src.write_text(_REFRESH.sub(base, text, count=1), encoding="utf-8")
         else:

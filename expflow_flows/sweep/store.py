@@ -26,18 +26,21 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.governance.ledger import (
+from expflow_flows.runs.rundir import STATUSES
+from expflow_flows.sqlite import (
     BUSY_TIMEOUT_S,
     LOCK_RETRIES,
-    _encode_mapping,
-    _json_default,
+    Begin,
+    check_limits,
+    connect,
+    encode_mapping,
     ensure_schema,
+    json_default,
     run_locked,
 )
-from expflow_flows.runs.rundir import STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ _PAGE_ROWS = 2_000
 _IN_CHUNK = 900
 
 T = TypeVar("T")
-Begin = Literal["immediate", "deferred", "none"]
 
 _SCHEMA: tuple[str, ...] = (
     # params and metrics are JSON objects stored as TEXT: a column declared JSON
@@ -145,7 +147,7 @@ def _optional_float(row: Mapping[str, Any], field: str, key: str) -> float | Non
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         # numpy scalars: accept their plain value.
         with contextlib.suppress(Exception):
-            value = _json_default(value)
+            value = json_default(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ExpflowError(
             f"row {key!r}: {field} {value!r} is not valid; expected a number or None"
@@ -159,7 +161,7 @@ def _optional_int(row: Mapping[str, Any], field: str, key: str, default: int | N
         return default
     if not isinstance(value, int) or isinstance(value, bool):
         with contextlib.suppress(Exception):
-            value = _json_default(value)
+            value = json_default(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ExpflowError(
             f"row {key!r}: {field} {value!r} is not valid; expected a non-negative integer"
@@ -204,8 +206,8 @@ def _encode_row(row: Mapping[str, Any], now: float) -> tuple[Any, ...]:
         "combo_id": _optional_text(row, "combo_id", key),
         "combo_index": _optional_int(row, "combo_index", key, None),
         "step": step,
-        "params": _encode_mapping({} if params is None else params, f"row {key!r}: params"),
-        "metrics": _encode_mapping({} if metrics is None else metrics, f"row {key!r}: metrics"),
+        "params": encode_mapping({} if params is None else params, f"row {key!r}: params"),
+        "metrics": encode_mapping({} if metrics is None else metrics, f"row {key!r}: metrics"),
         "status": status,
         "reason": reason,
         "run_dir": _optional_text(row, "run_dir", key),
@@ -257,13 +259,7 @@ class ResultStore:
             )
         p = Path(path).expanduser()
         self.path = p / RESULTS_FILENAME if p.is_dir() else p
-        if not busy_timeout_s > 0 or lock_retries < 1:
-            raise ExpflowError(
-                f"busy_timeout_s={busy_timeout_s!r}, lock_retries={lock_retries!r} are not valid; "
-                "expected a positive timeout and at least 1 try"
-            )
-        self.busy_timeout_s = float(busy_timeout_s)
-        self.lock_retries = int(lock_retries)
+        self.busy_timeout_s, self.lock_retries = check_limits(busy_timeout_s, lock_retries)
         if not self.path.exists():
             if not create:
                 raise ExpflowError(
@@ -290,10 +286,7 @@ class ResultStore:
     # --- connections and transactions --------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: no implicit transactions; _run issues BEGIN/COMMIT itself.
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return conn
+        return connect(self.path, busy_timeout_s=self.busy_timeout_s)
 
     def _fail(self, exc: sqlite3.Error) -> ExpflowError:
         text = str(exc)
@@ -306,7 +299,7 @@ class ResultStore:
         return ExpflowError(f"results store {self.path} cannot be used ({text}); {hint}")
 
     def _run(self, work: Callable[[sqlite3.Connection], T], *, begin: Begin = "immediate") -> T:
-        """Run ``work`` in one transaction, retrying while the file is locked (the ledger's rule)."""
+        """Run ``work`` in one transaction, retrying while the file is locked (bounded)."""
         return run_locked(
             self._connect,
             work,
@@ -351,7 +344,7 @@ class ResultStore:
         if not isinstance(key, str) or not key.strip():
             raise ExpflowError(f"meta key {key!r} is not valid; expected a non-empty string")
         try:
-            text = json.dumps(value, sort_keys=True, default=_json_default)
+            text = json.dumps(value, sort_keys=True, default=json_default)
         except (TypeError, ValueError) as exc:
             raise ExpflowError(
                 f"meta {key!r} value {value!r} cannot be stored as JSON ({exc}); expected numbers, "
