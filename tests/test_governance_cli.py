@@ -105,20 +105,84 @@ def test_runs_show_unknown_id_and_bad_state(home):
     assert "RUNING" in error_line(cli("runs", "list", "--state", "RUNING"))
 
 
-def test_cancel_is_pin_guarded_and_leaves_the_ledger_alone_when_refused(home):
+def invoked_error(*args: str) -> str:
+    """The one error line of an in-process `expflow` command that must fail with status 2."""
+    result = runner.invoke(app, list(args))
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, (result.exit_code, result.output)
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def audit_entries(home: Path, action: str) -> list[dict]:
+    lines = (home / "audit.log").read_text().splitlines() if (home / "audit.log").exists() else []
+    return [e for e in map(json.loads, lines) if e["action"] == action]
+
+
+def scheduled_flow_run() -> str:
+    """A flow run waiting for a worker on the test harness's Prefect API, as a queued run does."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    @flow(name="long-job")
+    def long_job() -> None:
+        """Never runs: its run only waits to be cancelled."""
+
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(long_job, state=Scheduled()).id)
+
+
+def prefect_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_an_unreachable_prefect_changes_nothing_and_asks_no_pin(home):
     from expflow_flows.governance import pin
 
     pin.init_pin("9753")
-    row = Ledger().register("long", flow_run_id="00000000-0000-0000-0000-000000000000")
+    row = Ledger().register("long", flow_run_id="00000000-0000-4000-8000-000000000000")
     Ledger().move_to(row.id, "RUNNING")
-    line = error_line(cli("runs", "cancel", row.id))
+    dead = {"PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    line = error_line(cli("runs", "cancel", row.id, "--pin", "9753", env=dead))
+    assert "does not answer" in line and "127.0.0.1:9" in line
+    assert Ledger().get(row.id).state == "RUNNING"
+    assert audit_entries(home, "cancel") == []
+
+
+def test_cancel_is_pin_guarded_and_ends_in_prefect_and_the_ledger(prefect_harness, home):
+    from expflow_flows.governance import pin
+
+    pin.init_pin("9753")
+    run_id = scheduled_flow_run()
+    row = Ledger().register("long", flow_run_id=run_id, state="ENQUEUED")
+    line = invoked_error("runs", "cancel", row.id)
     assert "PIN" in line and "--force" in line
-    assert Ledger().get(row.id).state == "RUNNING"
-    line = error_line(cli("runs", "cancel", row.id, "--pin", "0000"))
-    assert "wrong PIN" in line
-    assert Ledger().get(row.id).state == "RUNNING"
-    entries = [json.loads(x) for x in (home / "audit.log").read_text().splitlines()]
-    assert [e["outcome"] for e in entries if e["action"] == "cancel"] == ["refused", "refused"]
+    assert "wrong PIN" in invoked_error("runs", "cancel", row.id, "--pin", "0000")
+    assert Ledger().get(row.id).state == "ENQUEUED" and prefect_state(run_id) == "SCHEDULED"
+
+    # By its flow run id as well as by its experiment id.
+    done = runner.invoke(app, ["runs", "cancel", run_id, "--pin", "9753"])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == f"cancelled {row.id} (long), flow run {run_id}"
+    assert prefect_state(run_id) == "CANCELLED"
+    history = Ledger().history(row.id)
+    assert [(h["event"], h["to"]) for h in history[1:]] == [
+        ("request_cancel", "CANCEL_PENDING"),
+        ("cancel", "CANCELLED"),
+    ]
+    assert "already CANCELLED" in invoked_error("runs", "cancel", row.id, "--pin", "9753")
+
+    # A run that no deployment made cannot be retried here; nothing changes.
+    assert "did not run from a deployment" in invoked_error("runs", "retry", row.id)
+    assert Ledger().get(row.id).state == "CANCELLED" and prefect_state(run_id) == "CANCELLED"
+
+    cancels = audit_entries(home, "cancel")
+    assert [e["outcome"] for e in cancels] == ["refused", "refused", "allowed"]
+    assert {e["target"] for e in cancels} == {f"{row.id} (long), flow run {run_id} via cli"}
 
 
 # --- compare ------------------------------------------------------------------------

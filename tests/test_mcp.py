@@ -143,6 +143,7 @@ def test_tools_are_listed_with_typed_schemas(agent):
         "start_deployment_run",
         "flow_run_status",
         "cancel_flow_run",
+        "retry_flow_run",
     } <= set(tools)
     compare = tools["compare_experiments"].inputSchema
     assert compare["required"] == ["metric"]
@@ -377,6 +378,100 @@ def test_the_lockout_holds_for_agents(agent, home):
     assert agent.ok("flow_run_status", flow_run=run_id)["state"] == "SCHEDULED"
     (home / "pin_state.json").unlink()  # rather than wait 30 s
     assert agent.ok("cancel_flow_run", flow_run=run_id, pin=PIN)["state"] == "CANCELLED"
+
+
+def expflow_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`expflow` in a terminal-less shell, on the same Prefect server and expflow home."""
+    return subprocess.run(
+        [EXPFLOW, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_the_cli_and_an_agent_cancel_and_retry_alike(agent, audit_deployment, home):
+    env = {**audit_deployment["env"], "EXPFLOW_HOME": str(home)}
+    env.pop("EXPFLOW_PIN", None)
+    out = expflow_cli(env, "runs", "start", "audit/daily-audit", "--param", "limit=5", "--json")
+    assert out.returncode == 0, out.stderr
+    started = {
+        "cli": json.loads(out.stdout),
+        "mcp": agent.ok(
+            "start_deployment_run", deployment="audit/daily-audit", parameters={"limit": 5}
+        ),
+    }
+    drop = ("flow_run_id", "flow_run_name", "ui_url")
+    assert [{k: v for k, v in s.items() if k not in drop} for s in started.values()] == [
+        {
+            "deployment": "audit/daily-audit",
+            "state": "SCHEDULED",
+            "parameters": {"state": "COMPLETED", "limit": 5},
+        }
+    ] * 2
+    runs = {}
+    for via, run in started.items():
+        run_id = run["flow_run_id"]
+        runs[via] = (run_id, Ledger().register(f"twin-{via}", flow_run_id=run_id, state="ENQUEUED"))
+    (cli_run, cli_exp), (mcp_run, mcp_exp) = runs["cli"], runs["mcp"]
+    seen = len(audit_lines(home))
+
+    def same(text: object, via: str) -> str:
+        """Text with the run's own ids and the front end's name taken out."""
+        run_id, exp = runs[via]
+        out = str(text).replace(run_id, "<run>").replace(exp.id, "<exp>")
+        return out.replace(f"twin-{via}", "<name>").replace(via, "<via>")
+
+    def where(via: str) -> tuple:
+        """What a user can look at: Prefect's state, the ledger row and its history."""
+        run_id, exp = runs[via]
+        row = Ledger().get(exp.id)
+        history = [(h["event"], h["to"], same(h["message"], via)) for h in Ledger().history(exp.id)]
+        status = agent.ok("flow_run_status", flow_run=run_id)["state"]
+        return status, row.state, row.flow_run_id == run_id, history
+
+    out = expflow_cli(env, "runs", "cancel", cli_exp.id, "--pin", PIN, "--wait", "30")
+    assert out.returncode == 0, out.stderr
+    cancelled = agent.ok("cancel_flow_run", flow_run=mcp_exp.id, pin=PIN)
+    assert same(out.stdout.strip(), "cli") == same(cancelled["message"], "mcp")
+    assert cancelled["message"] == f"cancelled {mcp_exp.id} (twin-mcp), flow run {mcp_run}"
+    assert where("cli") == where("mcp")
+    assert where("mcp")[:2] == ("CANCELLED", "CANCELLED")
+    entries = audit_lines(home)[seen:]
+    assert [e["target"] for e in entries] == [
+        f"{cli_exp.id} (twin-cli), flow run {cli_run} via cli",
+        f"{mcp_exp.id} (twin-mcp), flow run {mcp_run} via mcp",
+    ]
+    (by_cli, by_agent) = (
+        {k: same(v, via) for k, v in e.items() if k in ("action", "outcome", "target", "reason")}
+        for e, via in zip(entries, ("cli", "mcp"), strict=True)
+    )
+    assert by_cli == by_agent and by_cli["outcome"] == "allowed"
+
+    # A second cancel is refused alike, before any PIN is checked or audited.
+    again = expflow_cli(env, "runs", "cancel", cli_exp.id, "--pin", PIN)
+    assert again.returncode == 2 and "already CANCELLED" in again.stderr
+    refused = agent.error("cancel_flow_run", flow_run=mcp_exp.id, pin=PIN)
+    assert same(refused, "mcp").endswith(same(again.stderr.strip(), "cli").removeprefix("error: "))
+    assert len(audit_lines(home)) == seen + 2
+
+    # Retried: the same flow run is scheduled again and the ledger row is queued again.
+    out = expflow_cli(env, "runs", "retry", cli_exp.id)
+    assert out.returncode == 0, out.stderr
+    retried = agent.ok("retry_flow_run", flow_run=mcp_exp.id)
+    assert same(out.stdout.strip(), "cli") == same(retried["message"], "mcp")
+    assert retried["state"] == "SCHEDULED" and retried["ledger_state"] == "ENQUEUED"
+    assert where("cli") == where("mcp")
+    assert where("mcp")[:3] == ("SCHEDULED", "ENQUEUED", True)
+    assert where("mcp")[3][-1] == ("retry", "ENQUEUED", "retry requested via <via>")
+
+    # A queued run cannot be retried again: the same refusal from both.
+    again = expflow_cli(env, "runs", "retry", cli_exp.id)
+    refused = agent.error("retry_flow_run", flow_run=mcp_exp.id)
+    assert again.returncode == 2 and "cannot retry an experiment in state ENQUEUED" in refused
+    assert same(refused, "mcp").endswith(same(again.stderr.strip(), "cli").removeprefix("error: "))
 
 
 def test_stdout_carries_only_json_rpc_and_no_pin_leaks(agent):

@@ -13,8 +13,6 @@ from typing import Any
 
 import typer
 
-from expflow_flows.errors import ExpflowError
-
 langfuse_app = typer.Typer(
     help="Langfuse: traces of pipeline runs and their LLM costs (keys from LANGFUSE_* variables).",
     no_args_is_help=True,
@@ -26,12 +24,6 @@ BASE_URL = typer.Option(
 TIMEOUT = typer.Option(10.0, help="Seconds to wait for each answer.")
 JSON_OUT = typer.Option(False, "--json", help="Print JSON.")
 DAYS = typer.Option(30.0, help="Look this many days back.")
-
-
-def _fail(message: str) -> None:
-    """One error line and exit status 2 (as every expflow command does)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _reader(base_url: str | None, timeout: float) -> Any:
@@ -70,13 +62,9 @@ def traces(
     json_out: bool = JSON_OUT,
 ) -> None:
     """Recent traces, newest first."""
-    try:
-        rows = _reader(base_url, timeout).traces(
-            session=session, tag=tag, name=name, limit=limit, days=days
-        )
-    except ExpflowError as exc:
-        _fail(str(exc))
-        return
+    rows = _reader(base_url, timeout).traces(
+        session=session, tag=tag, name=name, limit=limit, days=days
+    )
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -106,11 +94,7 @@ def trace(
     json_out: bool = JSON_OUT,
 ) -> None:
     """One trace: its spans (steps) and generations (LLM calls) with models, tokens and cost."""
-    try:
-        found = _reader(base_url, timeout).trace(trace_id)
-    except ExpflowError as exc:
-        _fail(str(exc))
-        return
+    found = _reader(base_url, timeout).trace(trace_id)
     if json_out:
         typer.echo(json.dumps(found, indent=2, default=str))
         return
@@ -170,13 +154,7 @@ def cost(
     json_out: bool = JSON_OUT,
 ) -> None:
     """LLM cost, tokens and calls of an experiment, a trace, or the whole project."""
-    try:
-        spent = _reader(base_url, timeout).cost(
-            session=session, trace_id=trace_id, by=by, days=days
-        )
-    except ExpflowError as exc:
-        _fail(str(exc))
-        return
+    spent = _reader(base_url, timeout).cost(session=session, trace_id=trace_id, by=by, days=days)
     if json_out:
         typer.echo(json.dumps(spent, indent=2, default=str))
         return
@@ -203,11 +181,7 @@ def sessions(
     json_out: bool = JSON_OUT,
 ) -> None:
     """Sessions (one per experiment), most recently active first."""
-    try:
-        rows = _reader(base_url, timeout).sessions(limit=limit, days=days, cost=with_cost)
-    except ExpflowError as exc:
-        _fail(str(exc))
-        return
+    rows = _reader(base_url, timeout).sessions(limit=limit, days=days, cost=with_cost)
     if json_out:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return

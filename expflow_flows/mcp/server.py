@@ -2,8 +2,11 @@
 
 An agent (any MCP client) lists, shows, compares and audits the ledger's
 experiments, reads sweep results and reports, starts deployment runs, follows
-them and cancels them. Every tool calls the same core functions as the
-``expflow`` CLI, so an agent sees exactly what a person at the terminal sees.
+them, cancels and retries them. Every act is a function of
+:mod:`expflow_flows.actions`, the same one the ``expflow`` CLI calls, so an
+agent's cancel or retry ends in the same ledger state, Prefect state and audit
+entry as a person's at the terminal; this module only types the arguments and
+results.
 
 Three rules shape this module:
 
@@ -27,13 +30,13 @@ after checking that the extra is installed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -47,6 +50,8 @@ from mcp.server.stdio import stdio_server
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
+from expflow_flows import actions
+from expflow_flows.actions import one_line
 from expflow_flows.errors import ExpflowError, GuardRefused
 from expflow_flows.home import expflow_home, runs_root
 
@@ -79,7 +84,7 @@ INSTRUCTIONS = (
     "strings; a unique prefix of 6+ digits works). Compare with gates 'metric:op:value' "
     "(ops lt le gt ge eq ne). Deployments are named 'flow/deployment'. Cancelling a flow run "
     "needs the user's PIN as the `pin` argument; ask the user for it, never guess: wrong PINs "
-    "lock the guard."
+    "lock the guard. A failed or cancelled deployment run can be retried (same flow run)."
 )
 
 
@@ -229,12 +234,15 @@ class FlowRunStatus(BaseModel):
     ui_url: str | None
 
 
-class CancelResult(BaseModel):
-    """The outcome of a cancel request."""
+class RunChange(BaseModel):
+    """Where a flow run stands after a cancel or retry request, in Prefect and in the ledger."""
 
     flow_run_id: str
-    state: str
+    state: str = Field(description="Prefect's state type after the request.")
     experiment_id: str | None
+    ledger_state: str | None = Field(
+        description="The state of the ledger experiment tracking the run, if any."
+    )
     message: str
 
 
@@ -273,11 +281,6 @@ class TraceCosts(BaseModel):
 # --- helpers --------------------------------------------------------------------------
 
 
-def _one_line(text: object, limit: int = 600) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _iso(value: Any) -> str | None:
     return (
         None if value is None else str(value.isoformat() if hasattr(value, "isoformat") else value)
@@ -288,14 +291,6 @@ def _ledger() -> Any:
     from expflow_flows.governance.ledger import Ledger
 
     return Ledger()
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -353,85 +348,6 @@ def _html_text(raw: str) -> str:
     return parser.text()
 
 
-# --- Prefect --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _prefect_api() -> Iterator[str]:
-    """Point Prefect at a real API: the configured one, else a local ``expflow server``.
-
-    Without either, Prefect would start a throwaway ephemeral server, where a run
-    started by an agent would vanish; refuse instead.
-    """
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    from expflow_flows import server
-
-    url = get_current_settings().api.url
-    if url:
-        yield url
-        return
-    if server.is_healthy():
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url()}):
-            yield server.api_url()
-        return
-    raise ExpflowError(
-        "no Prefect API to talk to: start expflow mcp with PREFECT_API_URL set, "
-        "or start a local server with `expflow server start`"
-    )
-
-
-@contextlib.contextmanager
-def _prefect_errors(api: str) -> Iterator[None]:
-    """Prefect's exceptions as one line that says what went wrong."""
-    import httpx
-    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
-
-    try:
-        yield
-    except ObjectNotFound:
-        raise ExpflowError(f"not found on the Prefect server {api}") from None
-    except PrefectHTTPStatusError as exc:
-        try:
-            detail = exc.response.json().get("detail", exc.response.text)
-        except ValueError:
-            detail = exc.response.text
-        raise ExpflowError(
-            f"the Prefect server refused: {_one_line(detail)} (HTTP {exc.response.status_code})"
-        ) from None
-    except httpx.HTTPError as exc:
-        raise ExpflowError(
-            f"the Prefect API at {api} does not answer ({type(exc).__name__}: {_one_line(exc)})"
-        ) from None
-
-
-def _ui_url(flow_run_id: str) -> str | None:
-    from prefect.settings import get_current_settings
-
-    ui = get_current_settings().ui_url
-    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
-
-
-def _read_flow_run(client: Any, flow_run_id: str, api: str) -> Any:
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return client.read_flow_run(uuid.UUID(flow_run_id))
-    except ObjectNotFound:
-        raise ExpflowError(f"no flow run {flow_run_id} on the Prefect server {api}") from None
-
-
-def _flow_run_of(run: str) -> tuple[str, Any]:
-    """A flow run id from a flow run id or a ledger experiment id, and that experiment (or None)."""
-    run = run.strip()
-    if _is_uuid(run):
-        return str(uuid.UUID(run)), _ledger().find_by_flow_run(str(uuid.UUID(run)))
-    exp = _ledger().get(run)
-    if not exp.flow_run_id:
-        raise ExpflowError(f"experiment {exp.id} ({exp.name}) has no Prefect flow run")
-    return exp.flow_run_id, exp
-
-
 # --- tools ----------------------------------------------------------------------------
 
 Limit = Annotated[int, Field(ge=1, le=1000, description="At most this many rows.")]
@@ -453,15 +369,13 @@ def list_experiments(
     limit: Limit = 50,
 ) -> ExperimentList:
     """List experiments in the ledger, newest first (what `expflow runs list` shows)."""
-    rows = _ledger().list(state=state, name=name or None, limit=limit)
+    rows = actions.list_experiments(state, name, limit)
     return ExperimentList(count=len(rows), experiments=[ExperimentRow(**r.as_dict()) for r in rows])
 
 
 def show_experiment(experiment_id: ExperimentId) -> ExperimentDetail:
     """Everything the ledger knows about one experiment: params, metrics, run folder, history."""
-    ledger = _ledger()
-    exp = ledger.get(experiment_id.strip())
-    return ExperimentDetail(**exp.as_dict(), history=ledger.history(exp.id))
+    return ExperimentDetail(**actions.experiment_detail(experiment_id))
 
 
 def compare_experiments(
@@ -487,13 +401,9 @@ def compare_experiments(
     Gates fail closed: an experiment without a gated metric is left out, with why.
     The same ranking as `expflow compare`.
     """
-    from expflow_flows.metrics.compare import rank
-    from expflow_flows.metrics.gates import parse_gates
-    from expflow_flows.metrics.registry import load_registry
-
-    parsed = parse_gates(list(gates or []))
-    rows = _ledger().list(state=state, name=name or None, limit=None)
-    ranking = rank(rows, metric, registry=load_registry(), direction=direction, gates=parsed)
+    ranking = actions.compare(
+        metric, gates=gates or [], direction=direction, state=state, name=name
+    )
     return RankingResult(
         metric=ranking.metric,
         direction=ranking.direction,
@@ -503,47 +413,9 @@ def compare_experiments(
     )
 
 
-def _sweep_folder(name: str) -> Path:
-    # A name is one folder under the runs root: "../x" must not reach elsewhere.
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise ExpflowError(
-            f"sweep name {name!r} is not valid; expected a folder name such as 'advection-sweep'"
-        )
-    folder = runs_root() / name
-    if not (folder / "results.sqlite").exists():
-        known = ", ".join(s.name for s in _sweep_folders()) or "none"
-        raise ExpflowError(f"no sweep named {name!r} under {runs_root()}; sweeps there: {known}")
-    return folder
-
-
-def _sweep_folders() -> list[Path]:
-    root = runs_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.parent for p in root.glob("*/results.sqlite"))
-
-
-def _sweep_info(folder: Path) -> SweepInfo:
-    from expflow_flows.sweep.store import ResultStore
-
-    counts = ResultStore(folder / "results.sqlite", create=False).counts()
-    meta_file = folder / "metadata.json"
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
-    except (OSError, ValueError):
-        meta = {}
-    combos = meta.get("combinations") if isinstance(meta, dict) else None
-    return SweepInfo(
-        name=folder.name,
-        folder=str(folder),
-        combinations=combos if isinstance(combos, int) else None,
-        counts=counts,
-    )
-
-
 def list_sweeps() -> SweepList:
     """The sweeps under the runs folder, with their rows by status (running or finished)."""
-    return SweepList(sweeps=[_sweep_info(f) for f in _sweep_folders()])
+    return SweepList(sweeps=[SweepInfo(**actions.sweep_info(f)) for f in actions.sweep_folders()])
 
 
 def sweep_results(
@@ -568,8 +440,8 @@ def sweep_results(
     """
     from expflow_flows.sweep.results import SweepResults
 
-    folder = _sweep_folder(name.strip())
-    info = _sweep_info(folder)
+    folder = actions.sweep_folder(name.strip())
+    info = SweepInfo(**actions.sweep_info(folder))
     results = SweepResults.load(folder)
     out = SweepResultsOut(
         **info.model_dump(),
@@ -737,40 +609,7 @@ def read_report(
 
 def list_deployments() -> DeploymentList:
     """The deployments on the Prefect server, named 'flow/deployment' as start_deployment_run takes them."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterId
-
-    with _prefect_api() as api, _prefect_errors(api), get_client(sync_client=True) as client:
-        deployments = client.read_deployments(limit=200)
-        ids = list({d.flow_id for d in deployments})
-        flows = (
-            {
-                f.id: f.name
-                for f in client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=ids)))
-            }
-            if ids
-            else {}
-        )
-    out = []
-    for d in deployments:
-        schedules = []
-        for s in d.schedules or []:
-            sched = s.schedule
-            text = getattr(sched, "cron", None) or getattr(sched, "rrule", None) or str(sched)
-            tz = getattr(sched, "timezone", None)
-            schedules.append(f"{text}{f' ({tz})' if tz else ''}{'' if s.active else ' [inactive]'}")
-        out.append(
-            DeploymentInfo(
-                name=f"{flows.get(d.flow_id, '?')}/{d.name}",
-                description=d.description or "",
-                work_pool=d.work_pool_name,
-                parameters=d.parameters or {},
-                schedules=schedules,
-                paused=bool(d.paused),
-            )
-        )
-    out.sort(key=lambda d: d.name)
-    return DeploymentList(deployments=out)
+    return DeploymentList(deployments=[DeploymentInfo(**d) for d in actions.list_deployments()])
 
 
 def start_deployment_run(
@@ -793,30 +632,8 @@ def start_deployment_run(
     server checks the parameters against the flow's signature first. Follow it with
     flow_run_status.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with _prefect_api() as api, _prefect_errors(api), get_client(sync_client=True) as client:
-        try:
-            dep = client.read_deployment_by_name(deployment)
-        except ObjectNotFound:
-            known = ", ".join(d.name for d in list_deployments().deployments) or "none"
-            raise ExpflowError(
-                f"no deployment named {deployment!r} on {api}; deployments: {known}"
-            ) from None
-        run = client.create_flow_run_from_deployment(dep.id, parameters=dict(parameters or {}))
-        flow_run_id = str(run.id)
-        ui = _ui_url(flow_run_id)
-    from expflow_flows.secrets import scrub
-
-    return StartedRun(
-        flow_run_id=flow_run_id,
-        flow_run_name=run.name,
-        deployment=deployment,
-        state=run.state.type.value if run.state else "UNKNOWN",
-        parameters=scrub(dict(run.parameters or {})),
-        ui_url=ui,
-    )
+    started = actions.start_deployment_run(deployment, parameters)
+    return StartedRun(**dataclasses.asdict(started))
 
 
 def flow_run_status(
@@ -826,15 +643,14 @@ def flow_run_status(
     ] = 20,
 ) -> FlowRunStatus:
     """A flow run's state, message, times, parameters and the tail of its logs."""
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
     from expflow_flows.secrets import scrub
 
-    flow_run_id, exp = _flow_run_of(flow_run)
-    with _prefect_api() as api, _prefect_errors(api), get_client(sync_client=True) as client:
-        run = _read_flow_run(client, flow_run_id, api)
+    flow_run_id, exp = actions.resolve_run(flow_run)
+    with actions.prefect_client() as (client, api):
+        run = actions.read_flow_run(client, flow_run_id, api)
         flow = client.read_flow(run.flow_id).name if run.flow_id else None
         dep = client.read_deployment(run.deployment_id).name if run.deployment_id else None
         logs = []
@@ -844,7 +660,7 @@ def flow_run_status(
                 limit=log_lines,
                 sort=LogSort.TIMESTAMP_DESC,
             )
-        ui = _ui_url(flow_run_id)
+        ui = actions.ui_url(flow_run_id)
     state = run.state
     return FlowRunStatus(
         flow_run_id=flow_run_id,
@@ -880,54 +696,47 @@ def cancel_flow_run(
     wait_s: Annotated[
         float, Field(ge=0, le=120, description="Seconds to wait for Prefect to confirm.")
     ] = 30,
-) -> CancelResult:
+) -> RunChange:
     """Cancel a flow run through the Prefect API; PIN-guarded like `expflow runs cancel`.
 
     Every attempt, allowed or refused, is written to the audit log; the PIN is never
     echoed. A ledger experiment tracking the run moves to CANCELLED with it.
     """
-    from prefect.client.orchestration import get_client
-
-    from expflow_flows.flows.flowruns import cancel_flow_run as cancel_in_prefect
-    from expflow_flows.governance import pin as pin_mod
-
-    flow_run_id, exp = _flow_run_of(flow_run)
-    with _prefect_api() as api, _prefect_errors(api):
-        with get_client(sync_client=True) as client:
-            state = _read_flow_run(client, flow_run_id, api).state
-        if state is not None and state.is_final():
-            raise ExpflowError(
-                f"flow run {flow_run_id} is already {state.type.value}; nothing to cancel"
-            )
-        target = f"flow run {flow_run_id}" + (f" = {exp.id} ({exp.name})" if exp else "")
-        try:
-            # interactive=False and no force: an agent cannot be prompted or skip the PIN.
-            pin_mod.guard("cancel", target=f"{target} via mcp", pin=pin or None, interactive=False)
-        except GuardRefused as exc:
-            # The guard's own advice (--pin, EXPFLOW_PIN, --force) does not apply here.
-            if pin or "none was given" not in str(exc):
-                raise
-            raise ExpflowError(
-                "cancel needs the PIN: ask the user for it and pass it as the `pin` argument"
-            ) from None
-        ledger = _ledger()
-        if exp is not None and exp.state in ("ENQUEUED", "RUNNING"):
-            ledger.move_to(exp.id, "CANCEL_PENDING", message="cancel requested (mcp)")
-        final = cancel_in_prefect(flow_run_id, wait_s)
-    if exp is not None and final == "CANCELLED":
-        current = ledger.get(exp.id).state
-        if current in ("CANCEL_PENDING", "ENQUEUED", "DRAFT"):
-            ledger.move_to(exp.id, "CANCELLED", message="Prefect confirmed the cancellation")
-    message = (
-        f"cancelled {target}"
-        if final == "CANCELLED"
-        else f"cancel requested; Prefect reports {final} after {wait_s:g} s (ask flow_run_status later)"
-    )
-    return CancelResult(
-        flow_run_id=flow_run_id,
-        state=final,
-        experiment_id=exp.id if exp else None,
+    try:
+        # interactive=False and no force: an agent cannot be prompted or skip the PIN.
+        outcome = actions.cancel(
+            flow_run, pin=pin or None, interactive=False, wait_s=wait_s, via="mcp"
+        )
+    except GuardRefused as exc:
+        # The guard's own advice (--pin, EXPFLOW_PIN, --force) does not apply here.
+        if pin or "none was given" not in str(exc):
+            raise
+        raise ExpflowError(
+            "cancel needs the PIN: ask the user for it and pass it as the `pin` argument"
+        ) from None
+    message = outcome.message if outcome.done else f"{outcome.message} (ask flow_run_status later)"
+    return RunChange(
+        flow_run_id=outcome.flow_run_id,
+        state=outcome.state,
+        experiment_id=outcome.experiment_id,
+        ledger_state=outcome.ledger_state,
         message=message,
+    )
+
+
+def retry_flow_run(flow_run: RunRef) -> RunChange:
+    """Schedule a failed or cancelled deployment run again, like `expflow runs retry`.
+
+    The same flow run, with the same parameters, as Prefect's Retry does; a worker of
+    the deployment's pool picks it up. Its ledger experiment goes back to ENQUEUED.
+    """
+    outcome = actions.retry(flow_run, via="mcp")
+    return RunChange(
+        flow_run_id=outcome.flow_run_id,
+        state=outcome.state,
+        experiment_id=outcome.experiment_id,
+        ledger_state=outcome.ledger_state,
+        message=outcome.message,
     )
 
 
@@ -937,11 +746,7 @@ def audit_experiment(experiment_id: ExperimentId) -> AuditResult:
     Checks: primary score reported, registry thresholds met, required params valid,
     submission bundle complete with valid checksums. Rules: <home>/audit.yaml.
     """
-    from expflow_flows.governance import audit
-    from expflow_flows.metrics.registry import load_registry
-
-    exp = _ledger().get(experiment_id.strip())
-    report = audit.audit_ledger_experiment(exp, load_registry(), audit.AuditRules.load())
+    report = actions.audit_experiment(experiment_id)
     data = report.to_dict()
     return AuditResult(
         subject=data["subject"],
@@ -1024,6 +829,7 @@ TOOLS: tuple[tuple[Callable[..., Any], ToolAnnotations], ...] = (
     (list_deployments, _READ),
     (flow_run_status, _READ),
     (start_deployment_run, ToolAnnotations(readOnlyHint=False, destructiveHint=False)),
+    (retry_flow_run, ToolAnnotations(readOnlyHint=False, destructiveHint=False)),
     (cancel_flow_run, ToolAnnotations(readOnlyHint=False, destructiveHint=True)),
 )
 
@@ -1040,11 +846,11 @@ def _offloaded(fn: Callable[..., T]) -> Callable[..., Any]:
         try:
             return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs))
         except ExpflowError as exc:
-            raise ToolError(_one_line(exc)) from None
+            raise ToolError(one_line(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug in one tool must not end the server
             log.exception("tool %s failed", fn.__name__)
             raise ToolError(
-                f"internal error ({type(exc).__name__}: {_one_line(exc, 300)}); "
+                f"internal error ({type(exc).__name__}: {one_line(exc, 300)}); "
                 "the server's stderr has the traceback"
             ) from None
 

@@ -1,0 +1,44 @@
+"""``expflow server …``: a local Prefect server (UI) on loopback."""
+
+from __future__ import annotations
+
+import typer
+
+server_app = typer.Typer(help="A local Prefect server (UI) on loopback.", no_args_is_help=True)
+
+
+@server_app.command("start")
+def server_start(
+    port: int = typer.Option(4200, help="Loopback port."),
+    database_url: str | None = typer.Option(
+        None,
+        envvar="EXPFLOW_SERVER_DATABASE_URL",
+        help="postgresql+asyncpg://user@host/db for a team server (default: SQLite).",
+    ),
+) -> None:
+    """Start a local Prefect server in the background (or reuse a running one)."""
+    from expflow_flows import server
+
+    url, started = server.start(port, database_url=database_url)
+    typer.echo(f"Prefect server {'started' if started else 'already running'}: {url}")
+    typer.echo(f"UI: {url.removesuffix('/api')}   (export PREFECT_API_URL={url})")
+
+
+@server_app.command("stop")
+def server_stop(port: int = typer.Option(4200, help="Loopback port.")) -> None:
+    """Stop the local Prefect server started by ``expflow server start``."""
+    from expflow_flows import server
+
+    typer.echo("stopped" if server.stop(port) else f"no server started by expflow on port {port}")
+
+
+@server_app.command("status")
+def server_status(port: int = typer.Option(4200, help="Loopback port.")) -> None:
+    """Say whether a Prefect server answers on the port."""
+    from expflow_flows import server
+
+    if server.is_healthy(port):
+        typer.echo(f"healthy: {server.api_url(port)}")
+    else:
+        typer.echo(f"no server on 127.0.0.1:{port}")
+        raise typer.Exit(1)
