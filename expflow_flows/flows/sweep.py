@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -52,7 +51,9 @@ from expflow_flows.sweep.identity import cache_key, file_checksum, trainable_fin
 from expflow_flows.sweep.report import write_dashboard, write_status_page
 from expflow_flows.sweep.results import SweepResults
 from expflow_flows.sweep.space import SweepSpace
+from expflow_flows.sweep.status import StatusWriter, current_results
 from expflow_flows.sweep.store import ResultStore
+from expflow_flows.sweep.summary import summary_markdown
 
 PLAN_BATCH = 5000
 MAX_CHUNKS = 50
@@ -252,39 +253,6 @@ def _start_slurm(cfg: SweepConfig) -> tuple[Any, Any]:
     return Client(cluster), cluster
 
 
-class _StatusWriter:
-    """Rewrites the live status page every few seconds while the sweep runs."""
-
-    def __init__(
-        self, store: ResultStore, keys: set[str], path: Path, title: str, total: int, every: float
-    ):
-        self.store, self.keys, self.path = store, keys, path
-        self.title, self.total, self.every = title, total, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _write(self, refresh: int | None) -> None:
-        rows = current_results(self.store, self.keys).rows
-        write_status_page(rows, self.path, title=self.title, total=self.total, refresh_s=refresh)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                self._write(max(2, int(self.every)))
-            except Exception:  # noqa: BLE001, S112 - a status page must never stop the sweep
-                continue
-
-    def __enter__(self) -> _StatusWriter:
-        self._write(max(2, int(self.every)))
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        self._write(None)
-
-
 @flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), **hooks_for(describe))
 def sweep(
     config: str | None = None,
@@ -451,7 +419,7 @@ def _run_sweep(
             description=f"Sweep {cfg.name}: chunks done",
         )
         try:
-            with _StatusWriter(
+            with StatusWriter(
                 store, current, status_path, f"Sweep {cfg.name}", total, cfg.status_every_s
             ):
                 futures = [
@@ -497,11 +465,6 @@ def _run_sweep(
 def _key(*parts: str) -> str:
     text = "-".join(parts).lower()
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")[:100]
-
-
-def current_results(store: ResultStore, keys: set[str]) -> SweepResults:
-    """This space's results: rows of earlier code versions or settings stay in the store as history."""
-    return SweepResults([r for r in store.rows() if r["key"] in keys])
 
 
 def _finish(
@@ -569,7 +532,7 @@ def _finish(
     )
     create_markdown_artifact(
         key=_key(cfg.name, "summary"),
-        markdown=_summary_markdown(summary, best),
+        markdown=summary_markdown(summary),
         description=f"Sweep {cfg.name}",
     )
     record_outputs(
@@ -595,31 +558,3 @@ def _finish(
         dashboard,
     )
     return summary
-
-
-def _summary_markdown(summary: dict[str, Any], best: list[dict[str, Any]]) -> str:
-    lines = [
-        f"# Sweep {summary['name']}",
-        "",
-        f"{summary['combinations']} combinations: {summary['ran']} ran now, {summary['cached']} cached. "
-        + ", ".join(f"{k}: {v}" for k, v in summary["counts"].items()),
-        "",
-        f"- Dashboard: `{summary['dashboard']}`",
-        f"- Status page: `{summary['status_page']}`",
-        f"- Results: `{summary['results_csv']}`, `{summary['results_parquet']}`",
-        "",
-    ]
-    if best:
-        params = sorted({k for r in best for k in r if k.startswith("param:")})
-        lines += [
-            f"## Best by {summary['objective']}",
-            "",
-            "| rank | "
-            + " | ".join(p.removeprefix("param:") for p in params)
-            + f" | {summary['objective']} |",
-            "|---" * (len(params) + 2) + "|",
-        ]
-        for i, r in enumerate(best, 1):
-            cells = " | ".join(str(r.get(p, "")) for p in params)
-            lines.append(f"| {i} | {cells} | {r.get('metric:' + summary['objective'])} |")
-    return "\n".join(lines)

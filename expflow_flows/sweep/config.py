@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.settings.base import relative_to
 from expflow_flows.yamlfile import read_mapping
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu")
@@ -110,31 +111,18 @@ def parse_memory(value: Any) -> float:
     return float(m.group(1)) * base
 
 
-def _relative(base: Path, value: Any) -> Any:
-    """A relative path in a config file is relative to the file, when it exists there."""
-    if not isinstance(value, str) or (":" in value and not value.endswith(".py")):
-        return value
-    if "/" not in value and not value.endswith((".py", ".yaml", ".yml", ".hdf5", ".h5")):
-        return value
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return value
-    candidate = (base / p).resolve()
-    return str(candidate) if candidate.exists() else value
-
-
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
     """Read a sweep YAML; paths inside are relative to the file."""
     p = Path(path).expanduser()
     data = read_mapping(p, "sweep config", mapping="a mapping of settings", allow_empty=True)
     base = p.parent
     for key in ("trainable", "space"):
-        data[key] = _relative(base, data.get(key))
+        data[key] = relative_to(base, data.get(key))
     if isinstance(data.get("inputs"), list):
-        data["inputs"] = [_relative(base, v) for v in data["inputs"]]
+        data["inputs"] = [relative_to(base, v) for v in data["inputs"]]
     if isinstance(data.get("steps"), list):
         data["steps"] = [
-            {**s, "trainable": _relative(base, s.get("trainable"))} if isinstance(s, dict) else s
+            {**s, "trainable": relative_to(base, s.get("trainable"))} if isinstance(s, dict) else s
             for s in data["steps"]
         ]
     return {k: v for k, v in data.items() if v is not None}
