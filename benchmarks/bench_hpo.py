@@ -44,26 +44,31 @@ def plain(n: int) -> float:
     return time.perf_counter() - t0
 
 
-def flow(n: int, runner: str) -> float:
-    from expflow_flows.config import build_config
-    from expflow_flows.flows.clusters import make_task_runner
+def flow(n: int, kind: str) -> float:
+    """The ``hpo`` flow for n trials on 2 workers of cluster kind ``kind``."""
+    from expflow_flows.flows.clusters import task_runner
     from expflow_flows.flows.pipeline import hpo_flow
+    from expflow_flows.settings.pipeline import load_pipeline_settings
 
-    cfg = build_config(
-        experiment=f"bench-{runner}",
-        train="trivial:objective",
-        space={"x": {"type": "float", "low": -5, "high": 5}},
-        params={},
-        n_trials=n,
-        parallelism=2,
-        runner=runner,
-        objective="loss",
-        pruner="none",
-        storage=str(TMP / f"journal-{runner}.log"),
+    settings = load_pipeline_settings(
+        None,
+        {
+            "experiment": f"bench-{kind}",
+            "train": "trivial:objective",
+            "space": {"x": {"type": "float", "low": -5, "high": 5}},
+            "params": {},
+            "objective": "loss",
+            "hpo": {
+                "n_trials": n,
+                "pruner": "none",
+                "storage": str(TMP / f"journal-{kind}.log"),
+            },
+            "cluster": {"kind": kind, "workers": 2},
+        },
     )
     t0 = time.perf_counter()
-    hpo_flow.with_options(task_runner=make_task_runner(runner, workers=2))(
-        cfg.to_dict(), cfg.resolved_study_name, str(TMP / "runs" / runner)
+    hpo_flow.with_options(task_runner=task_runner(settings.cluster))(
+        settings, str(TMP / "runs" / kind)
     )
     return time.perf_counter() - t0
 
@@ -92,8 +97,9 @@ def main() -> None:
     start = cluster_startup()
     print(f"Dask LocalCluster (2 processes) start: {start:5.2f} s  (included in the dask line)")
     with prefect_test_harness(server_startup_timeout=120):
-        for runner in ("dask", "threads"):
-            t = flow(n, runner)
+        # cluster.kind local is Dask (a LocalCluster of 2 worker processes).
+        for runner, kind in (("dask", "local"), ("threads", "threads")):
+            t = flow(n, kind)
             print(
                 f"hpo flow, {runner:7s} runner:      {t:7.2f} s  ({1000 * t / n:7.1f} ms/trial)"
                 f"  overhead {1000 * (t - base) / n:6.1f} ms/trial  ratio {t / base:6.1f}x"

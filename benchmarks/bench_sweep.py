@@ -79,14 +79,19 @@ def plain_dask(fn_name: str, n: int) -> float:
         return time.perf_counter() - t0
 
 
-def run_sweep(name: str, fn_name: str, n: int, **kw) -> tuple[float, dict, float]:
+def run_sweep(name: str, fn_name: str, n: int, **changes) -> tuple[float, dict, float]:
+    """A sweep of ``trivial:<fn_name>`` over n values; ``changes`` are more sweep settings."""
     from expflow_flows.flows.sweep import sweep
 
+    settings = {
+        "name": name,
+        "trainable": f"trivial:{fn_name}",
+        "space": {"grid": {"x": list(range(n))}},
+        **changes,
+    }
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        summary = sweep(
-            name=name, trainable=f"trivial:{fn_name}", space={"grid": {"x": list(range(n))}}, **kw
-        )
+        summary = sweep(settings=settings)
         elapsed = time.perf_counter() - t0
     return elapsed, summary, rss.peak
 
@@ -135,10 +140,14 @@ def metadata_size() -> str:
     from expflow_flows.flows.sweep import sweep
 
     summary = sweep(
-        name="bench-meta-size",
-        trainable="expflow_flows.pde.trainables:train",
-        space={"fixed": {"problem": "advection"}, "grid": {"modes": [4, 8, 16, 32]}},
-        budget={"epochs": 2},
+        settings={
+            "name": "bench-meta-size",
+            "trainable": {
+                "target": "expflow_flows.pde.trainables:train",
+                "budget": {"epochs": 2},
+            },
+            "space": {"fixed": {"problem": "advection"}, "grid": {"modes": [4, 8, 16, 32]}},
+        }
     )
     sweep_dir = Path(summary["sweep_dir"])
     files = [p for p in (sweep_dir / "runs").rglob("*") if p.is_file()]

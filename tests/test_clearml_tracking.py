@@ -40,7 +40,7 @@ def pipeline(env: dict, tmp_path: Path, tracking: dict, *extra: str) -> dict:
             "--train", "sample_trainables:quadratic",
             "--evaluate", "sample_trainables:evaluate_with_pred",
             "--space", str(space), "--objective", "loss",
-            "--n-trials", "3", "--runner", "threads", "--parallelism", "1",
+            "--n-trials", "3", "--cluster", "threads", "--workers", "1",
             "--storage", str(tmp_path / "journal.log"),
             "--gate", "test_loss:lt:100",
             "--param", f"api_key={SECRET}",
@@ -104,7 +104,7 @@ def test_online_mirror_and_compare_from_clearml(server, clearml_online, tmp_path
     tracking = {"clearml": {"project": "expflow/tests", "tags": ["t1"], "steps": "all"}}
     summary = pipeline(
         env, tmp_path, tracking, "--submit-to", str(tmp_path / "subs"), "--set",
-        "submission_name=cm-1",
+        "submit.name=cm-1",
     )  # fmt: skip
     assert summary["bundle"] and not summary["tracking_warnings"]
 

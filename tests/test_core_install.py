@@ -76,8 +76,8 @@ def test_cli_and_demo_pipeline_run_on_the_core(core):
         core,
         "expflow", "pipeline", "run",
         "--config", str(REPO / "deployments" / "pde-advection.yaml"),
-        "--n-trials", "3", "--runner", "threads", "--parallelism", "1",
-        "--set", "hpo_budget={epochs: 3}", "--set", "final_budget={epochs: 5}",
+        "--n-trials", "3", "--cluster", "threads", "--workers", "1",
+        "--set", "hpo.budget={epochs: 3}", "--set", "train.budget={epochs: 5}",
         "--gate", "nrmse:lt:1.0", "--no-submit", "--json",
         timeout=400,
     )  # fmt: skip
@@ -90,7 +90,7 @@ def test_cli_and_demo_pipeline_run_on_the_core(core):
 def test_a_command_needing_a_missing_sdk_names_the_extra(core):
     out = run(
         core,
-        "expflow", "pipeline", "run", "--n-trials", "1", "--runner", "threads",
+        "expflow", "pipeline", "run", "--n-trials", "1", "--cluster", "threads",
         "--set", "tracking={langfuse: {}}",
     )  # fmt: skip
     assert out.returncode == 2

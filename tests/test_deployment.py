@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -125,11 +126,12 @@ def test_deployment_run_from_prefect_yaml_completes(deployed):
     )
     try:
         overrides = {
-            "n_trials": 3,
-            "hpo_budget": {"epochs": 5},
-            "final_budget": {"epochs": 10},
-            "gates": ["nrmse:lt:1.0"],
-            "submission_name": "deployed-1",
+            "settings": {
+                "hpo": {"n_trials": 3, "budget": {"epochs": 5}},
+                "train": {"budget": {"epochs": 10}},
+                "gates": ["nrmse:lt:1.0"],
+                "submit": {"name": "deployed-1"},
+            }
         }
         out = prefect(
             server,
@@ -172,7 +174,7 @@ def test_nightly_deployment_has_an_off_peak_cron_with_timezone(deployed):
     nightly = [d for d in deployments if d["name"] == "pde-advection-nightly-hpo"]
     assert len(nightly) == 1
     assert nightly[0]["parameters"]["config"] == "deployments/pde-advection-nightly.yaml"
-    assert nightly[0]["parameters"]["offpeak"]["windows"] == ["22:00-06:00"]
+    assert nightly[0]["parameters"]["settings"]["offpeak"]["windows"] == ["22:00-06:00"]
     schedules = nightly[0]["schedules"]
     assert schedules[0]["schedule"]["cron"] == "30 2 * * *"
     assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"
@@ -192,8 +194,17 @@ def api(server, method: str, path: str, body: dict | None = None):
         data=json.dumps(body or {}).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+            return json.loads(body) if body else None
+        except urllib.error.HTTPError as exc:
+            # 503 means "retry": the server's SQLite database was busy (Prefect's own
+            # client retries these too).
+            if exc.code != 503 or attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
 
 
 def wait_for_terminal(server, flow_run_id: str, timeout: float) -> dict:
@@ -231,11 +242,12 @@ def test_cancel_a_running_deployment_run_through_the_ledger(deployed):
     )
     try:
         long_run = {
-            "experiment": "to-cancel",
-            "n_trials": 2,
-            "runner": "threads",
-            "hpo_budget": {"epochs": 1000000},
-            "submit": False,
+            "settings": {
+                "experiment": "to-cancel",
+                "hpo": {"n_trials": 2, "budget": {"epochs": 1000000}},
+                "cluster": {"kind": "threads"},
+                "submit": {"enabled": False},
+            }
         }
         out = prefect(
             server, "deployment", "run", "pipeline/pde-advection", "--params", json.dumps(long_run)
@@ -264,3 +276,342 @@ def test_cancel_a_running_deployment_run_through_the_ledger(deployed):
         assert [h["to"] for h in shown["history"]][-2:] == ["CANCEL_PENDING", "CANCELLED"]
     finally:
         stop(worker)
+
+
+# ------------------------------------------------------------------ every setting, three ways
+#
+# One row per leaf field of the pipeline and sweep settings: its dotted path, a value
+# that is not its default, and the settings it needs beside it. Each row is set from a
+# YAML config file, from `--set` on the command line, and as a deployment parameter
+# that the real server validates and stores; all three must resolve to the value.
+# A settings field added without a row here fails `test_the_table_covers_every_setting`.
+
+# Every Slurm job setting, for the pipeline's and the sweep's `cluster.slurm`.
+SLURM_ROWS: list[tuple[str, object, dict]] = [
+    (f"cluster.slurm.{name}", value, {"cluster": {"kind": "slurm"}})
+    for name, value in [
+        ("cores", 4),
+        ("memory", "16GB"),
+        ("processes", 2),
+        ("walltime", "12:00:00"),
+        ("partition", "gpu"),
+        ("account", "pde-lab"),
+        ("job_extra_directives", ["--gres=gpu:1"]),
+        ("job_script_prologue", ["module load cuda/12.4"]),
+        ("worker_extra_args", ["--lifetime", "55m"]),
+        ("log_directory", "/scratch/logs"),
+        ("local_directory", "/scratch/dask"),
+        ("interface", "ib0"),
+    ]
+]
+
+PIPELINE_ROWS: list[tuple[str, object, dict]] = [
+    ("experiment", "exp-table", {}),
+    ("train.target", "pkg.train:fit", {}),
+    ("train.arg_style", "hydra", {}),
+    ("train.budget.epochs", 7, {}),
+    ("train.budget.steps", 300, {}),
+    ("train.budget.seconds", 30.5, {}),
+    ("train.timeout", 99.0, {}),
+    ("evaluate.target", "pkg.evaluate:score", {}),
+    ("evaluate.arg_style", "equals", {}),
+    ("evaluate.budget.epochs", 3, {}),
+    ("evaluate.budget.steps", 30, {}),
+    ("evaluate.budget.seconds", 12.0, {}),
+    ("evaluate.timeout", 45.0, {}),
+    ("space", {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}, {}),
+    ("params", {"problem": "burgers", "nu": 0.01}, {}),
+    ("objective", "val_loss", {}),
+    ("direction", "maximize", {}),
+    ("hpo.n_trials", 40, {}),
+    ("hpo.pruner", "none", {}),
+    ("hpo.seed", 17, {}),
+    ("hpo.storage", "postgresql://expflow@127.0.0.1/optuna", {}),
+    ("hpo.study_name", "study-table", {}),
+    ("hpo.budget.epochs", 4, {}),
+    ("hpo.budget.steps", 50, {}),
+    ("hpo.budget.seconds", 20.0, {}),
+    ("hpo.trial_timeout", 600.0, {}),
+    ("cluster.kind", "threads", {}),
+    ("cluster.workers", 6, {}),
+    ("cluster.address", "tcp://127.0.0.1:8786", {}),
+    *SLURM_ROWS,
+    ("gates", ["nrmse:lt:0.1", "val_loss:le:2"], {}),
+    ("submit.enabled", False, {}),
+    ("submit.to", "/data/submissions", {}),
+    ("submit.name", "entry-7", {}),
+    ("submit.predictions", "predictions.h5", {}),
+    ("offpeak.windows", ["20:00-06:00"], {}),
+    ("offpeak.timezone", "Europe/Berlin", {}),
+    ("offpeak.weekends", False, {}),
+    ("offpeak.max_wait_hours", 6.0, {}),
+    ("offpeak.on_timeout", "fail", {}),
+    ("offpeak.max_load", 0.5, {}),
+    ("tracking.clearml.project", "pde/table", {}),
+    ("tracking.clearml.tags", ["table"], {}),
+    ("tracking.clearml.offline", True, {}),
+    ("tracking.clearml.steps", "all", {}),
+    ("tracking.clearml.combinations", "sample", {}),
+    ("tracking.clearml.sample", 5, {}),
+    ("tracking.clearml.task_type", "testing", {}),
+    ("tracking.langfuse.public_key", "pk-lf-table", {}),
+    ("tracking.langfuse.secret_key", "sk-lf-table", {}),
+    ("tracking.langfuse.base_url", "http://127.0.0.1:3000", {}),
+    ("tracking.langfuse.enabled", False, {}),
+    ("tracking.langfuse.flush_timeout", 3.0, {}),
+    ("tracking.langfuse.timeout", 5, {}),
+    ("tracking.langfuse.environment", "staging", {}),
+    ("tracking.langfuse.tags", ["table"], {}),
+]
+
+SWEEP_BASE = {"trainable": {"target": "pkg.train:fit"}, "space": {"grid": {"x": [1, 2]}}}
+SWEEP_ROWS: list[tuple[str, object, dict]] = [
+    ("name", "sweep-table", {}),
+    ("trainable.target", "pkg.other:run", {}),
+    ("trainable.arg_style", "hydra", {}),
+    ("trainable.budget.epochs", 5, {}),
+    ("trainable.budget.steps", 70, {}),
+    ("trainable.budget.seconds", 8.0, {}),
+    ("trainable.timeout", 120.0, {}),
+    (
+        "steps",
+        [
+            {
+                "name": "prep",
+                "target": "pkg.prep:run",
+                "version": "2",
+                "arg_style": "argparse",
+                "budget": {"epochs": 1, "steps": None, "seconds": None},
+                "timeout": 30.0,
+            },
+            {
+                "name": "fit",
+                "target": "pkg.fit:run",
+                "version": "",
+                "arg_style": "equals",
+                "budget": None,
+                "timeout": None,
+            },
+        ],
+        {"trainable": None},
+    ),
+    ("space", {"grid": {"lr": [0.1, 0.01]}, "repeat": 2}, {}),
+    ("inputs", ["/data/advection.hdf5"], {}),
+    ("version", "v2", {}),
+    ("force", True, {}),
+    ("objective", "val_nrmse", {}),
+    ("direction", "maximize", {}),
+    ("cluster.kind", "threads", {}),
+    ("cluster.workers", 8, {}),
+    ("cluster.address", "tcp://127.0.0.1:8786", {}),
+    *SLURM_ROWS,
+    ("chunk_size", 500, {}),
+    ("retries", 0, {}),
+    ("resources.cpu", 2.0, {}),
+    ("resources.memory", "4GB", {}),
+    ("resources.gpu", 0.5, {}),
+    ("max_failure_ratio", 0.25, {}),
+    ("status_every_s", 2.5, {}),
+    ("offpeak.windows", ["21:00-07:00"], {}),
+    ("offpeak.timezone", "America/New_York", {}),
+    ("offpeak.weekends", False, {}),
+    ("offpeak.max_wait_hours", 10.0, {}),
+    ("offpeak.on_timeout", "fail", {}),
+    ("offpeak.max_load", 0.7, {}),
+    ("tracking.clearml.project", "pde/sweeps", {}),
+    ("tracking.clearml.tags", ["sweep"], {}),
+    ("tracking.clearml.offline", True, {}),
+    ("tracking.clearml.steps", "all", {}),
+    ("tracking.clearml.combinations", "all", {}),
+    ("tracking.clearml.sample", 3, {}),
+    ("tracking.clearml.task_type", "testing", {}),
+    ("tracking.langfuse.public_key", "pk-lf-sweep", {}),
+    ("tracking.langfuse.secret_key", "sk-lf-sweep", {}),
+    ("tracking.langfuse.base_url", "http://127.0.0.1:3000", {}),
+    ("tracking.langfuse.enabled", False, {}),
+    ("tracking.langfuse.flush_timeout", 4.0, {}),
+    ("tracking.langfuse.timeout", 9, {}),
+    ("tracking.langfuse.environment", "prod", {}),
+    ("tracking.langfuse.tags", ["sweep"], {}),
+]
+
+# Values the server must refuse before a run exists, and the field its error names.
+BAD_PARAMETERS = [
+    ("pipeline/pde-advection", {"hpo": {"n_trials": 0}}, "n_trials"),
+    ("pipeline/pde-advection", {"cluster": {"kind": "pbs"}}, "pbs"),
+    ("pipeline/pde-advection", {"direction": "up"}, "up"),
+    ("pipeline/pde-advection", {"train": {"arg_style": "posix"}}, "posix"),
+    ("pipeline/pde-advection", {"n_trials": 3}, "n_trials"),
+    ("sweep/advection-sweep-nightly", {"retries": -1}, "retries"),
+    ("sweep/advection-sweep-nightly", {"resources": {"gpu": "many"}}, "many"),
+]
+
+
+def _leaves(model, prefix: str = "") -> list[str]:
+    """Dotted paths of a settings model's leaf fields (nested settings are walked)."""
+    from typing import get_args
+
+    from expflow_flows.settings.base import Settings
+
+    out = []
+    for name, info in model.__pydantic_fields__.items():
+        nested = [
+            a
+            for a in (info.annotation, *get_args(info.annotation))
+            if isinstance(a, type) and issubclass(a, Settings)
+        ]
+        if nested and name != "steps":
+            out += _leaves(nested[0], f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _with(settings: dict, path: str, value) -> dict:
+    """A copy of ``settings`` with the field at ``path`` set to ``value``."""
+    import copy
+
+    from expflow_flows.settings.base import set_dotted
+
+    out = copy.deepcopy(settings)
+    set_dotted(out, path, value)
+    return out
+
+
+def _at(data: dict, path: str):
+    for part in path.split("."):
+        data = data[part]
+    return data
+
+
+def _expected(path: str, value):
+    """What a resolved setting reads as (secret-looking values are masked when shown)."""
+    from expflow_flows.secrets import MASK, is_secret_key
+
+    return MASK if is_secret_key(path.rsplit(".", 1)[-1]) else value
+
+
+def test_the_table_covers_every_setting():
+    from expflow_flows.settings.pipeline import PipelineSettings
+    from expflow_flows.settings.sweep import SweepSettings
+
+    assert sorted(p for p, _, _ in PIPELINE_ROWS) == sorted(_leaves(PipelineSettings))
+    assert sorted(p for p, _, _ in SWEEP_ROWS) == sorted(_leaves(SweepSettings))
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "sweep"])
+def test_every_setting_from_yaml_and_from_set(kind, tmp_path):
+    """A YAML config file and `expflow <kind> settings --set` both reach every field."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from expflow_flows.cli.app import app
+    from expflow_flows.settings.base import deep_merge
+    from expflow_flows.settings.pipeline import load_pipeline_settings
+    from expflow_flows.settings.sweep import load_sweep_settings
+
+    rows, base, load = (
+        (PIPELINE_ROWS, {}, load_pipeline_settings)
+        if kind == "pipeline"
+        else (SWEEP_ROWS, SWEEP_BASE, load_sweep_settings)
+    )
+    runner = CliRunner()
+    for path, value, context in rows:
+        around = {k: v for k, v in deep_merge(base, context).items() if v is not None}
+        config = tmp_path / f"{path}.yaml"
+        config.write_text(yaml.safe_dump(_with(around, path, value)))
+        resolved = load(config).to_dict()
+        assert _at(resolved, path) == value, f"{path} from YAML"
+
+        config.write_text(yaml.safe_dump(around))
+        flow_value = json.dumps(value)  # JSON is YAML: `--set key=<json>` for any value
+        shown = runner.invoke(
+            app,
+            [kind, "settings", "--config", str(config), "--set", f"{path}={flow_value}", "--json"],
+        )
+        assert shown.exit_code == 0, f"{path} from --set: {shown.output}"
+        assert _at(json.loads(shown.stdout), path) == _expected(path, value), f"{path} --set"
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "sweep"])
+def test_every_setting_as_a_deployment_parameter(deployed, kind):
+    """The real server takes every field in the `settings` parameter, stores it, and the
+    flow resolves it from the stored parameters."""
+    from expflow_flows.settings.base import deep_merge
+    from expflow_flows.settings.pipeline import load_pipeline_settings
+    from expflow_flows.settings.sweep import load_sweep_settings
+
+    deployment_name, rows, base, load = (
+        ("pipeline/pde-advection", PIPELINE_ROWS, {}, load_pipeline_settings)
+        if kind == "pipeline"
+        else ("sweep/advection-sweep-nightly", SWEEP_ROWS, SWEEP_BASE, load_sweep_settings)
+    )
+    dep = api(deployed, "GET", f"/deployments/name/{deployment_name}")
+    for path, value, context in rows:
+        around = {k: v for k, v in deep_merge(base, context).items() if v is not None}
+        settings = _with(around, path, value)
+        run = api(
+            deployed,
+            "POST",
+            f"/deployments/{dep['id']}/create_flow_run",
+            {"parameters": {"config": None, "settings": settings}, "state": {"type": "CANCELLED"}},
+        )
+        try:
+            stored = api(deployed, "GET", f"/flow_runs/{run['id']}")["parameters"]
+        finally:
+            api(deployed, "DELETE", f"/flow_runs/{run['id']}")
+        resolved = load(stored["config"], stored["settings"]).to_dict()
+        assert _at(resolved, path) == value, f"{path} as a deployment parameter"
+
+
+@pytest.mark.parametrize(("deployment_name", "settings", "named"), BAD_PARAMETERS)
+def test_the_server_refuses_a_bad_setting_before_a_run_exists(
+    deployed, deployment_name, settings, named
+):
+    dep = api(deployed, "GET", f"/deployments/name/{deployment_name}")
+    before = len(api(deployed, "POST", "/flow_runs/filter", {}))
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api(
+            deployed,
+            "POST",
+            f"/deployments/{dep['id']}/create_flow_run",
+            {"parameters": {"settings": settings}},
+        )
+    assert refused.value.code in (409, 422)
+    assert named in refused.value.read().decode()
+    assert len(api(deployed, "POST", "/flow_runs/filter", {})) == before
+
+
+@pytest.mark.parametrize("flow_name", ["pipeline", "sweep"])
+def test_the_run_form_is_typed_with_descriptions_and_choices(deployed, flow_name):
+    """The deployment's parameter schema, as the UI's Run form reads it from the API."""
+    deployments = api(deployed, "POST", "/deployments/filter", {})
+    dep = next(d for d in deployments if d["entrypoint"].endswith(f":{flow_name}"))
+    schema = dep["parameter_openapi_schema"]
+    settings = schema["properties"]["settings"]
+    assert "override" in settings["description"].lower() or "config" in settings["description"]
+    assert schema["properties"]["config"]["description"]
+    definitions = schema["definitions"]
+    # Every field of every settings section is typed and described.
+    for name, model in definitions.items():
+        for field, prop in model["properties"].items():
+            assert prop.get("description"), f"{name}.{field} has no description"
+            kinds = [
+                a.get("type") or a.get("$ref") or a.get("enum") for a in prop.get("anyOf", [prop])
+            ]
+            assert any(k and k != "null" for k in kinds), f"{name}.{field} has no type"
+        assert model["additionalProperties"] is False, f"{name} takes unknown keys"
+    cluster = definitions["ClusterSettingsOverrides"]["properties"]
+    kind = next(a for a in cluster["kind"]["anyOf"] if "enum" in a)
+    assert kind["enum"] == ["local", "threads", "slurm"]
+    workers = next(a for a in cluster["workers"]["anyOf"] if a.get("type") == "integer")
+    assert workers["minimum"] == 1
+    if flow_name == "pipeline":
+        hpo = definitions["HpoSettingsOverrides"]["properties"]
+        pruner = next(a for a in hpo["pruner"]["anyOf"] if "enum" in a)
+        assert pruner["enum"] == ["median", "none"]
+        assert "Finished trials" in hpo["n_trials"]["description"]
+    else:
+        top = definitions["SweepSettingsOverrides"]["properties"]
+        ratio = next(a for a in top["max_failure_ratio"]["anyOf"] if a.get("type") == "number")
+        assert ratio["minimum"] == 0 and ratio["maximum"] == 1

@@ -87,14 +87,17 @@ def decoded(span, key: str):
 
 
 def agent_pipeline(tmp_path, **overrides):
-    settings = dict(
-        n_trials=3,
-        train="sample_trainables:agent_quadratic",
-        evaluate="sample_trainables:agent_evaluate",
-        params={"api_key": "sk-param-secret"},
-    )
-    settings.update(overrides)
-    return run_pipeline(tmp_path, **settings)
+    """The test pipeline with trainables that call an (imaginary) LLM; ``overrides`` are
+    nested settings over it."""
+    from expflow_flows.settings.base import deep_merge
+
+    settings = {
+        "hpo": {"n_trials": 3},
+        "train": {"target": "sample_trainables:agent_quadratic"},
+        "evaluate": "sample_trainables:agent_evaluate",
+        "params": {"api_key": "sk-param-secret"},
+    }
+    return run_pipeline(tmp_path, **deep_merge(settings, overrides))
 
 
 # --- what a run emits (in-memory exporter) -------------------------------------------
@@ -184,8 +187,8 @@ def test_failed_trials_and_a_failed_run_are_errors_with_the_reason(
     with pytest.raises(ExpflowError, match="no trial of study 'quad' succeeded"):
         run_pipeline(
             tmp_path,
-            train="sample_trainables:always_fails",
-            n_trials=2,
+            train={"target": "sample_trainables:always_fails"},
+            hpo={"n_trials": 2},
             tracking={"langfuse": settings},
         )
     spans = by_name(captured.exporter.get_finished_spans())
@@ -205,7 +208,9 @@ def test_without_keys_the_pipeline_runs_and_nothing_is_sent(
     prefect_harness, home, tmp_path, caplog
 ):
     caplog.set_level(logging.WARNING, logger="expflow.langfuse")
-    summary = agent_pipeline(tmp_path, n_trials=2, submit=False, tracking={"langfuse": {}})
+    summary = agent_pipeline(
+        tmp_path, hpo={"n_trials": 2}, submit={"enabled": False}, tracking={"langfuse": {}}
+    )
     assert summary["metrics"]["test_loss"] >= 0 and summary["tracking_warnings"] == []
     assert "has no keys; nothing is sent" in caplog.text
     assert not (Path(summary["run_dir"]) / "langfuse.json").exists()
@@ -247,6 +252,29 @@ def test_bad_settings_are_one_line_naming_the_value(settings, message):
     with pytest.raises(ExpflowError) as err:
         Tracking.from_settings({"langfuse": settings})
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"flush_timeout": 0},
+            "pipeline setting tracking.langfuse.flush_timeout=0: input should be greater than 0",
+        ),
+        (
+            {"tags": "nightly"},
+            "pipeline setting tracking.langfuse.tags='nightly': input should be a valid list",
+        ),
+        ({"colour": "red"}, "pipeline setting 'tracking.langfuse.colour' is not known; accepted:"),
+    ],
+)
+def test_a_runs_bad_settings_are_one_line_naming_the_value(settings, message):
+    """What a config file or --set gets, checked before the run starts."""
+    from expflow_flows.settings.pipeline import load_pipeline_settings
+
+    with pytest.raises(ExpflowError) as err:
+        load_pipeline_settings(None, {"tracking": {"langfuse": settings}})
+    assert str(err.value).startswith(message)
 
 
 def closes_within(tracker, seconds: float) -> bool:
@@ -327,7 +355,9 @@ def lf_json(*args: str):
 def test_spans_reach_langfuse_and_the_cli_reads_traces_and_costs_back(
     prefect_harness, home, tmp_path, langfuse_server
 ):
-    summary = agent_pipeline(tmp_path, n_trials=2, submit=False, tracking={"langfuse": {}})
+    summary = agent_pipeline(
+        tmp_path, hpo={"n_trials": 2}, submit={"enabled": False}, tracking={"langfuse": {}}
+    )
     server = langfuse_server
     # The real exporter sent OTLP protobuf, gzip-compressed, with the SDK's headers.
     assert server.export_headers and all(

@@ -95,15 +95,15 @@ def test_summaries_skip_a_torn_last_line_and_count_a_folder_once(tmp_path):
 
 def test_the_experiments_llm_cost_shows_in_compare_and_runs_show(prefect_harness, home, tmp_path):
     agent = dict(
-        train="sample_trainables:agent_quadratic",
+        train={"target": "sample_trainables:agent_quadratic"},
         evaluate="sample_trainables:agent_evaluate",
-        submit=False,
+        submit={"enabled": False},
     )
-    first = run_pipeline(tmp_path, n_trials=2, **agent)
+    first = run_pipeline(tmp_path, hpo={"n_trials": 2}, **agent)
     # Two trials and the training at COST, the evaluation at 2 * COST.
     assert first["llm"]["calls"] == 4 and first["llm"]["cost_usd"] == pytest.approx(5 * COST)
     # A rerun resumes the study: it pays for its one new trial, not the earlier ones.
-    second = run_pipeline(tmp_path, n_trials=3, **agent)
+    second = run_pipeline(tmp_path, hpo={"n_trials": 3}, **agent)
     assert second["llm"]["calls"] == 3 and second["llm"]["cost_usd"] == pytest.approx(4 * COST)
     ledger = Ledger()
     plain = ledger.register("no-agent", trainable="pkg.mod:train", params={})

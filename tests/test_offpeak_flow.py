@@ -73,10 +73,17 @@ def test_past_the_maximum_wait_a_failing_policy_fails_the_flow(prefect_harness, 
     now = dt.datetime.now(dt.UTC)
     closed = f"{now + dt.timedelta(hours=2):%H:%M}-{now + dt.timedelta(hours=3):%H:%M}"
     state = sweep(
-        name="never",
-        trainable="sample_trainables:sweep_square",
-        space={"grid": {"x": [1]}},
-        offpeak={"windows": [closed], "weekends": False, "max_wait_hours": 1, "on_timeout": "fail"},
+        settings={
+            "name": "never",
+            "trainable": "sample_trainables:sweep_square",
+            "space": {"grid": {"x": [1]}},
+            "offpeak": {
+                "windows": [closed],
+                "weekends": False,
+                "max_wait_hours": 1,
+                "on_timeout": "fail",
+            },
+        },
         return_state=True,
     )
     assert state.is_failed()

@@ -24,7 +24,7 @@ def optuna_cli(*args: str) -> object:
 
 
 def test_journal_study_reads_back_with_optunas_api_and_cli(prefect_harness, home, tmp_path):
-    summary = run_pipeline(tmp_path, n_trials=5, submit=False)
+    summary = run_pipeline(tmp_path, hpo={"n_trials": 5}, submit={"enabled": False})
     journal = str(tmp_path / "journal.log")
 
     study = optuna.load_study(
@@ -47,7 +47,7 @@ def test_journal_study_reads_back_with_optunas_api_and_cli(prefect_harness, home
 
 def test_sqlite_study_reads_back_with_optunas_cli(prefect_harness, home, tmp_path):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
-    summary = run_pipeline(tmp_path, n_trials=3, submit=False, storage=url)
+    summary = run_pipeline(tmp_path, hpo={"n_trials": 3, "storage": url}, submit={"enabled": False})
     studies = optuna_cli("studies", "--storage", url)
     assert [(s["name"], s["n_trials"]) for s in studies] == [("quad", 3)]
     trials = optuna_cli("trials", "--study-name", "quad", "--storage", url)

@@ -14,31 +14,33 @@ from expflow_flows.errors import ExpflowError, GateFailed
 SPACE = {"x": {"type": "float", "low": -5.0, "high": 5.0}}
 
 
-def run_pipeline(tmp_path: Path, **overrides):
+def run_pipeline(tmp_path: Path, return_state: bool = False, **changes):
+    """The pipeline on quick test settings; ``changes`` are nested settings over them."""
     from expflow_flows.flows.pipeline import pipeline
+    from expflow_flows.settings.base import deep_merge
 
-    settings = dict(
-        experiment="quad",
-        train="sample_trainables:quadratic",
-        evaluate="sample_trainables:evaluate_with_pred",
-        space=SPACE,
-        params={},
-        n_trials=6,
-        parallelism=2,
-        runner="threads",
-        hpo_budget={"epochs": 3},
-        final_budget={"epochs": 3},
-        objective="loss",
-        direction="minimize",
-        pruner="none",
-        storage=str(tmp_path / "journal.log"),
-        gates=["test_loss:lt:1.0"],
-        submit=True,
-        submit_to=str(tmp_path / "submissions"),
-        submission_name="quad-1",
-    )
-    settings.update(overrides)
-    return pipeline(**settings)
+    settings = {
+        "experiment": "quad",
+        "train": {"target": "sample_trainables:quadratic", "budget": {"epochs": 3}},
+        "evaluate": "sample_trainables:evaluate_with_pred",
+        "space": SPACE,
+        "params": {},
+        "objective": "loss",
+        "direction": "minimize",
+        "hpo": {
+            "n_trials": 6,
+            "pruner": "none",
+            "budget": {"epochs": 3},
+            "storage": str(tmp_path / "journal.log"),
+        },
+        "cluster": {"kind": "threads", "workers": 2},
+        "gates": ["test_loss:lt:1.0"],
+        "submit": {"to": str(tmp_path / "submissions"), "name": "quad-1"},
+    }
+    merged = deep_merge(settings, changes)
+    if "space" in changes:  # a space is replaced, not merged parameter by parameter
+        merged["space"] = changes["space"]
+    return pipeline(settings=merged, return_state=return_state)
 
 
 def load_study(tmp_path: Path, name: str = "quad"):
@@ -72,27 +74,26 @@ def test_pipeline_runs_hpo_train_eval_and_submits(prefect_harness, home, tmp_pat
 
 
 def test_rerun_resumes_the_study_instead_of_starting_over(prefect_harness, home, tmp_path):
-    run_pipeline(tmp_path, n_trials=3, submit=False)
+    run_pipeline(tmp_path, hpo={"n_trials": 3}, submit={"enabled": False})
     assert len(load_study(tmp_path).trials) == 3
-    summary = run_pipeline(tmp_path, n_trials=5, submit=False)
+    summary = run_pipeline(tmp_path, hpo={"n_trials": 5}, submit={"enabled": False})
     study = load_study(tmp_path)
     assert len(study.trials) == 5
     assert summary["trials"]["complete"] == 5
     # Nothing more to do: the study already holds 5 finished trials.
-    run_pipeline(tmp_path, n_trials=5, submit=False)
+    run_pipeline(tmp_path, hpo={"n_trials": 5}, submit={"enabled": False})
     assert len(load_study(tmp_path).trials) == 5
 
 
 def test_failed_trials_are_recorded_and_the_study_goes_on(prefect_harness, home, tmp_path):
     summary = run_pipeline(
         tmp_path,
-        train="sample_trainables:fails_when_negative",
+        train={"target": "sample_trainables:fails_when_negative"},
         evaluate="sample_trainables:params_only",
         space={"x": {"type": "categorical", "choices": [-1.0, 1.5, 2.5]}},
-        n_trials=8,
-        seed=3,
+        hpo={"n_trials": 8, "seed": 3},
         gates=[],
-        submit=False,
+        submit={"enabled": False},
     )
     study = load_study(tmp_path)
     states = {t.state.name for t in study.trials}
@@ -107,7 +108,9 @@ def test_zero_successful_trials_fails_the_flow_clearly(prefect_harness, home, tm
     with pytest.raises(
         ExpflowError, match=r"no trial of study 'quad' succeeded \(3 failed, 0 pruned\)"
     ):
-        run_pipeline(tmp_path, train="sample_trainables:always_fails", n_trials=3)
+        run_pipeline(
+            tmp_path, train={"target": "sample_trainables:always_fails"}, hpo={"n_trials": 3}
+        )
     assert not (tmp_path / "submissions").exists()
 
 
@@ -123,10 +126,10 @@ def test_failing_gate_stops_submission(prefect_harness, home, tmp_path):
 
 
 def test_submission_is_never_overwritten(prefect_harness, home, tmp_path):
-    first = run_pipeline(tmp_path, n_trials=2)
+    first = run_pipeline(tmp_path, hpo={"n_trials": 2})
     before = (Path(first["bundle"]) / "manifest.json").read_text()
     with pytest.raises(ExpflowError, match="exists"):
-        run_pipeline(tmp_path, n_trials=3)
+        run_pipeline(tmp_path, hpo={"n_trials": 3})
     assert (Path(first["bundle"]) / "manifest.json").read_text() == before
 
 
@@ -135,10 +138,10 @@ def test_pin_guards_the_submission(prefect_harness, home, tmp_path, monkeypatch)
 
     pin.init_pin("4321")
     with pytest.raises(ExpflowError, match="PIN"):
-        run_pipeline(tmp_path, n_trials=2)
+        run_pipeline(tmp_path, hpo={"n_trials": 2})
     assert not (tmp_path / "submissions").exists()
     monkeypatch.setenv("EXPFLOW_PIN", "4321")
-    summary = run_pipeline(tmp_path, n_trials=2)
+    summary = run_pipeline(tmp_path, hpo={"n_trials": 2})
     assert Path(summary["bundle"]).is_dir()
     audit = (home / "audit.log").read_text()
     assert '"submit"' in audit and "4321" not in audit
@@ -149,7 +152,11 @@ def test_artifacts_are_attached_to_the_flow_run(prefect_harness, home, tmp_path)
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     state = run_pipeline(
-        tmp_path, experiment="quad-artifacts", n_trials=2, submission_name=None, return_state=True
+        tmp_path,
+        experiment="quad-artifacts",
+        hpo={"n_trials": 2},
+        submit={"name": None},
+        return_state=True,
     )
     assert state.is_completed()
     with get_client(sync_client=True) as client:
@@ -169,7 +176,9 @@ def test_artifacts_are_attached_to_the_flow_run(prefect_harness, home, tmp_path)
 
 
 def test_pipeline_on_a_dask_local_cluster(prefect_harness, home, tmp_path):
-    summary = run_pipeline(tmp_path, runner="dask", n_trials=4, submit=False)
+    summary = run_pipeline(
+        tmp_path, cluster={"kind": "local"}, hpo={"n_trials": 4}, submit={"enabled": False}
+    )
     assert summary["trials"]["complete"] == 4
     study = load_study(tmp_path)
     pids = {
@@ -191,12 +200,12 @@ def test_progress_updates_follow_every_trial(prefect_harness, home, tmp_path):
     try:
         run_pipeline(
             tmp_path,
-            train="sample_trainables:fails_when_negative",
+            train={"target": "sample_trainables:fails_when_negative"},
             evaluate="sample_trainables:params_only",
             space={"x": {"type": "categorical", "choices": [-1.0, 2.5]}},
-            n_trials=5,
+            hpo={"n_trials": 5},
             gates=[],
-            submit=False,
+            submit={"enabled": False},
         )
     finally:
         unsubscribe()
@@ -221,7 +230,7 @@ def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness,
     orphan = study.ask()
     orphan.suggest_float("x", -5.0, 5.0)
     orphan.set_user_attr("flow_run_id", str(dead.state_details.flow_run_id))
-    run_pipeline(tmp_path, n_trials=3, submit=False)
+    run_pipeline(tmp_path, hpo={"n_trials": 3}, submit={"enabled": False})
     trials = load_study(tmp_path).trials
     assert trials[0].state.name == "FAIL"
     assert "abandoned" in trials[0].user_attrs["reason"]
@@ -232,7 +241,7 @@ def test_trials_left_running_by_a_dead_run_are_failed_on_resume(prefect_harness,
 def test_the_ledger_follows_the_flow_run(prefect_harness, home, tmp_path):
     from expflow_flows.governance.ledger import Ledger
 
-    state = run_pipeline(tmp_path, n_trials=2, return_state=True)
+    state = run_pipeline(tmp_path, hpo={"n_trials": 2}, return_state=True)
     row = Ledger().find_by_flow_run(str(state.state_details.flow_run_id))
     assert row is not None
     assert (row.name, row.kind, row.state) == ("quad", "pipeline", "COMPLETED")
@@ -240,7 +249,9 @@ def test_the_ledger_follows_the_flow_run(prefect_harness, home, tmp_path):
     assert Path(row.run_dir, "summary.json").exists()
     assert [h["to"] for h in Ledger().history(row.id)] == ["DRAFT", "RUNNING", "COMPLETED"]
 
-    failed = run_pipeline(tmp_path, n_trials=2, gates=["test_loss:lt:-1"], return_state=True)
+    failed = run_pipeline(
+        tmp_path, hpo={"n_trials": 2}, gates=["test_loss:lt:-1"], return_state=True
+    )
     row = Ledger().find_by_flow_run(str(failed.state_details.flow_run_id))
     assert row.state == "FAILED"
     assert "test_loss" in row.message
@@ -288,3 +299,16 @@ def test_study_report_shows_hostile_names_and_values_as_text(tmp_path, monkeypat
     figures = [json.loads(js) for js in re.findall(r"var f=(.*?);Plotly\.newPlot", page)]
     assert len(figures) == 3  # history, parallel coordinates, intermediate values
     assert breakout in json.dumps(figures)
+
+
+def test_a_python_call_with_an_earlier_key_is_refused_naming_where_it_went(prefect_harness, home):
+    """Prefect checks the flow's typed ``settings`` parameter before the run starts; an
+    earlier release's flat key says where the setting is now."""
+    from expflow_flows.flows.pipeline import pipeline
+
+    state = pipeline(settings={"n_trials": 3}, return_state=True)
+    assert state.is_failed()
+    assert "'n_trials' is not known; it is now hpo.n_trials" in state.message
+    state = pipeline(settings={"hpo": {"n_trials": 0}}, return_state=True)
+    assert state.is_failed() and "settings.hpo.n_trials" in state.message
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())

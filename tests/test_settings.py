@@ -128,3 +128,45 @@ def test_the_overrides_schema_is_typed_with_descriptions_and_choices():
     for model in (PipelineSettings, SweepSettings):
         for name, info in model.model_fields.items():
             assert info.description, f"{model.__name__}.{name} has no description"
+
+
+def test_an_explicit_null_clears_what_the_config_file_set(tmp_path):
+    """``--set hpo.seed=null`` (or null in a flow's settings) means "no value", for the
+    settings that may be empty; the others keep their value."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        "hpo: {seed: 5, storage: /tmp/x.log}\n"
+        "offpeak: {windows: ['22:00-06:00']}\n"
+        "submit: {name: fixed}\n"
+    )
+    changes: dict = {}
+    for key in ("hpo.seed", "hpo.storage", "offpeak", "submit.name", "hpo.n_trials"):
+        set_dotted(changes, key, None)
+    settings = load_pipeline_settings(config, changes)
+    assert settings.hpo.seed is None and settings.hpo.storage is None
+    assert settings.offpeak is None and settings.submit.name is None
+    assert settings.hpo.n_trials == 12  # may not be empty: a null is "not given"
+    kept = load_pipeline_settings(config, {"hpo": {"n_trials": 3}})
+    assert kept.hpo.seed == 5 and kept.offpeak is not None and kept.submit.name == "fixed"
+
+
+@pytest.mark.parametrize(
+    ("load", "changes", "line"),
+    [
+        (
+            load_pipeline_settings,
+            {"hpo": 3},
+            "pipeline setting hpo=3: input should be a valid dictionary",
+        ),
+        (
+            load_sweep_settings,
+            {"trainable": "m:f", "space": {"grid": {"x": [1]}}, "resources": {"memory": "lots"}},
+            "sweep setting resources.memory='lots': memory 'lots': expected bytes or a size "
+            "such as '2GB' or '512MiB'",
+        ),
+    ],
+)
+def test_errors_name_the_field_not_internal_classes(load, changes, line):
+    with pytest.raises(ExpflowError) as err:
+        load(None, changes)
+    assert str(err.value) == line

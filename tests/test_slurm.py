@@ -1,5 +1,5 @@
 """Dask on a real single-node Slurm (scripts/slurm-up.sh): sbatch, a sweep with
-cluster='slurm' and the pipeline with runner='slurm'. Skipped when Slurm cannot start."""
+cluster.kind 'slurm' and the pipeline with cluster.kind 'slurm'. Skipped when Slurm cannot start."""
 
 from __future__ import annotations
 
@@ -34,10 +34,16 @@ def _no_jobs_left(timeout: float = 20) -> None:
 
 
 def test_unknown_slurm_setting_is_one_line_error():
-    from expflow_flows.flows.clusters import make_task_runner
+    from expflow_flows.flows.clusters import slurm_cluster_kwargs
+    from expflow_flows.settings.pipeline import load_pipeline_settings
 
     with pytest.raises(ExpflowError) as err:
-        make_task_runner("slurm", slurm={"bogus": 1})
+        load_pipeline_settings(None, {"cluster": {"kind": "slurm", "slurm": {"bogus": 1}}})
+    msg = str(err.value)
+    assert "cluster.slurm.bogus" in msg and "accepted:" in msg and "cores" in msg
+    assert "\n" not in msg
+    with pytest.raises(ExpflowError) as err:
+        slurm_cluster_kwargs({"bogus": 1})
     msg = str(err.value)
     assert "bogus" in msg and "accepted:" in msg and "cores" in msg and "\n" not in msg
 
@@ -45,22 +51,28 @@ def test_unknown_slurm_setting_is_one_line_error():
 def test_missing_dask_jobqueue_names_the_extra(monkeypatch):
     import sys
 
-    from expflow_flows.flows.clusters import make_task_runner
+    from expflow_flows.flows.clusters import dask_client, task_runner
+    from expflow_flows.settings.common import ClusterSettings
 
     monkeypatch.setitem(sys.modules, "dask_jobqueue", None)
+    cluster = ClusterSettings(kind="slurm", workers=2)
     with pytest.raises(ExpflowError, match=r"expflow-flows\[slurm\]"):
-        make_task_runner("slurm", workers=2)
+        task_runner(cluster)  # the pipeline's HPO stage
+    with pytest.raises(ExpflowError, match=r"expflow-flows\[slurm\]"):
+        with dask_client(cluster, {}):  # the sweep
+            pass
 
 
-def test_sweep_config_rejects_unknown_cluster():
-    from expflow_flows.sweep.config import build_sweep_config
+def test_sweep_settings_reject_unknown_cluster():
+    from expflow_flows.settings.sweep import load_sweep_settings
 
-    with pytest.raises(ExpflowError, match="cluster="):
-        build_sweep_config(trainable="m:f", space={"grid": {"x": [1]}}, cluster="pbs")
-    with pytest.raises(ExpflowError, match="'bogus' is not known"):
-        build_sweep_config(
-            trainable="m:f", space={"grid": {"x": [1]}}, cluster="slurm", slurm={"bogus": 1}
-        )
+    base = {"trainable": "m:f", "space": {"grid": {"x": [1]}}}
+    with pytest.raises(ExpflowError) as err:
+        load_sweep_settings(None, {**base, "cluster": {"kind": "pbs"}})
+    msg = str(err.value)
+    assert "cluster.kind='pbs'" in msg and "'slurm'" in msg and "\n" not in msg
+    with pytest.raises(ExpflowError, match=r"'cluster\.slurm\.bogus' is not known"):
+        load_sweep_settings(None, {**base, "cluster": {"kind": "slurm", "slurm": {"bogus": 1}}})
 
 
 def test_sbatch_job_completes(slurm, tmp_path):
@@ -94,12 +106,16 @@ def test_sweep_on_slurm(slurm, prefect_harness, home, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the workers' Slurm job logs land here
     t0 = time.monotonic()
     summary = sweep(
-        name="slurm-grid",
-        trainable="sample_trainables:sweep_square",
-        space={"grid": {"x": [1, 2, 3], "y": [0.0, 1.0]}},
-        workers=2,
-        cluster="slurm",
-        slurm={"cores": 1, "memory": "1GB", "walltime": "00:10:00"},
+        settings={
+            "name": "slurm-grid",
+            "trainable": "sample_trainables:sweep_square",
+            "space": {"grid": {"x": [1, 2, 3], "y": [0.0, 1.0]}},
+            "cluster": {
+                "kind": "slurm",
+                "workers": 2,
+                "slurm": {"cores": 1, "memory": "1GB", "walltime": "00:10:00"},
+            },
+        }
     )
     wall = time.monotonic() - t0
     print(f"sweep of 6 on Slurm: {wall:.1f} s")
@@ -123,11 +139,9 @@ def test_pipeline_on_slurm(slurm, prefect_harness, home, tmp_path, monkeypatch):
     t0 = time.monotonic()
     summary = run_pipeline(
         tmp_path,
-        runner="slurm",
-        n_trials=2,
-        parallelism=2,
-        submit=False,
-        slurm={"cores": 1, "memory": "1GB"},
+        hpo={"n_trials": 2},
+        cluster={"kind": "slurm", "workers": 2, "slurm": {"cores": 1, "memory": "1GB"}},
+        submit={"enabled": False},
     )
     print(f"pipeline with 2 trials on Slurm: {time.monotonic() - t0:.1f} s")
     assert summary["trials"]["complete"] == 2

@@ -326,14 +326,17 @@ def test_pool_offers_the_slurm_template(pool, time_limited):
 
 
 def test_pipeline_deployment_completes_as_a_slurm_job(pool):
+    # A run's `settings` replaces the deployment's own (Prefect merges parameters by
+    # top-level name), so it repeats the deployment's cluster kind.
     params = {
-        "experiment": "on-slurm",
-        "n_trials": 2,
-        "parallelism": 1,
-        "hpo_budget": {"epochs": 3},
-        "final_budget": {"epochs": 5},
-        "gates": ["nrmse:lt:1.0"],
-        "submission_name": "slurm-1",
+        "settings": {
+            "experiment": "on-slurm",
+            "hpo": {"n_trials": 2, "budget": {"epochs": 3}},
+            "train": {"budget": {"epochs": 5}},
+            "cluster": {"kind": "threads", "workers": 1},
+            "gates": ["nrmse:lt:1.0"],
+            "submit": {"name": "slurm-1"},
+        }
     }
     t0 = time.monotonic()
     flow_run_id = run_deployment(

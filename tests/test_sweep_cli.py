@@ -36,7 +36,8 @@ def test_sweep_run_results_package_and_reproduce(home, tmp_path):
     space.write_text("grid: {lr: [0.1, 0.2, 0.3]}\nreplicates: {param: seed, values: [0, 1]}\n")
     config = tmp_path / "sweep.yaml"
     config.write_text(
-        f"name: cli-sweep\ntrainable: {script.name}\nspace: space.yaml\nworkers: 1\nobjective: loss\n"
+        f"name: cli-sweep\ntrainable: {script.name}\nspace: space.yaml\n"
+        "cluster: {workers: 1}\nobjective: loss\n"
     )
     out = cli("sweep", "run", "--config", str(config), "--json")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -81,6 +82,24 @@ def test_sweep_bad_settings_and_unknown_sweep_are_one_line(home, tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "'workerz'" in bad.stderr
+    old = cli(
+        "sweep", "run", "--trainable", "x.mod:f", "--space", str(tmp_path / "none.yaml"),
+        "--set", "workers=3",
+    )  # fmt: skip
+    assert old.returncode == 2
+    assert old.stderr.strip() == (
+        "error: sweep setting 'workers' is not known; it is now cluster.workers"
+    )
+    # A missing space file or trainable is found before a server or a run starts.
+    nospace = cli(
+        "sweep", "run", "--trainable", "json:dumps", "--space", str(tmp_path / "none.yaml")
+    )
+    assert nospace.returncode == 2
+    assert (
+        nospace.stderr.strip()
+        == f"error: sweep space file '{tmp_path / 'none.yaml'}' does not exist"
+    )
+    assert not (home / "ledger.sqlite").exists() and not (home / "runs").exists()
     missing = cli("sweep", "status", "no-such-sweep")
     assert missing.returncode == 2 and "no sweep named 'no-such-sweep'" in missing.stderr
 
@@ -95,9 +114,12 @@ def test_sweep_run_arg_style_from_set_reaches_the_script(home, tmp_path):
     )
     config = tmp_path / "sweep.yaml"
     config.write_text(
-        f"name: cli-hydra\ntrainable: {script.name}\nspace: {{grid: {{lr: [0.5]}}}}\nworkers: 1\n"
+        f"name: cli-hydra\ntrainable: {script.name}\nspace: {{grid: {{lr: [0.5]}}}}\n"
+        "cluster: {workers: 1}\n"
     )
-    out = cli("sweep", "run", "--config", str(config), "--set", "arg_style=hydra", "--json")
+    out = cli(
+        "sweep", "run", "--config", str(config), "--set", "trainable.arg_style=hydra", "--json"
+    )
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout)["counts"] == {"ok": 1}

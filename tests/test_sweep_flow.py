@@ -37,12 +37,14 @@ def calls(tmp_path, monkeypatch):
     return read
 
 
-def run(**kw):
+def run(**changes):
+    """The sweep flow on quick test settings; ``changes`` replace top-level settings
+    (``None`` removes one, e.g. ``trainable=None`` for a chain of steps)."""
     from expflow_flows.flows.sweep import sweep
 
     settings = {"name": "grid", "trainable": "sample_trainables:sweep_square", "space": GRID}
-    settings.update(kw)
-    return sweep(**settings)
+    settings.update(changes)
+    return sweep(settings={k: v for k, v in settings.items() if v is not None})
 
 
 def test_sweep_runs_every_combination_and_reports(prefect_harness, home, calls):
@@ -71,6 +73,9 @@ def test_sweep_runs_every_combination_and_reports(prefect_harness, home, calls):
     assert "refresh" not in (sweep_dir / "status.html").read_text().split("</head>")[0].lower()
     meta = json.loads((sweep_dir / "metadata.json").read_text())
     assert meta["combinations"] == 12 and "python" in meta["environment"]
+    # The resolved settings are recorded, the trainable in its full form.
+    assert meta["config"]["trainable"]["target"] == "sample_trainables:sweep_square"
+    assert meta["config"]["space"] == GRID and meta["config"]["cluster"]["kind"] == "local"
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -118,13 +123,18 @@ def test_changing_a_script_trainable_invalidates_its_results(prefect_harness, ho
 
 def test_a_chain_of_steps_with_per_step_force(prefect_harness, home, calls):
     steps = [
-        {"name": "prepare", "trainable": "sample_trainables:prepare"},
-        {"name": "train", "trainable": "sample_trainables:train_step"},
-        {"name": "evaluate", "trainable": "sample_trainables:evaluate_step"},
+        {"name": "prepare", "target": "sample_trainables:prepare"},
+        {"name": "train", "target": "sample_trainables:train_step"},
+        {"name": "evaluate", "target": "sample_trainables:evaluate_step"},
     ]
     space = {"grid": {"x": [1, 2, 3]}}
     first = run(
-        name="chain", trainable=None, steps=steps, space=space, objective="score", maximize=True
+        name="chain",
+        trainable=None,
+        steps=steps,
+        space=space,
+        objective="score",
+        direction="maximize",
     )
     assert first["counts"] == {"ok": 3}
     assert first["best"][0]["metric:score"] == 7.0  # x=3: model 6, score 7
@@ -170,10 +180,26 @@ def test_a_dying_worker_does_not_fail_the_sweep(prefect_harness, home, tmp_path,
 
 
 def test_bad_sweep_settings_are_one_clear_error(prefect_harness, home):
+    from prefect.exceptions import ParameterTypeError
+
+    from expflow_flows.settings.sweep import load_sweep_settings
+
     with pytest.raises(ExpflowError, match="give exactly one of trainable"):
-        run(steps=[{"name": "a", "trainable": "sample_trainables:prepare"}])
-    with pytest.raises(ExpflowError, match="resources key 'gpus'"):
+        run(steps=[{"name": "a", "target": "sample_trainables:prepare"}])
+    # An unknown key is refused by Prefect's check of the flow's typed `settings`
+    # parameter, before the run starts, naming the key...
+    with pytest.raises(ParameterTypeError, match=r"settings\.resources\.gpus"):
         run(resources={"gpus": 1})
+    # ...and by the settings resolution every entry point uses, as one line.
+    with pytest.raises(ExpflowError) as err:
+        load_sweep_settings(None, {"trainable": "m:f", "space": GRID, "resources": {"gpus": 1}})
+    msg = str(err.value)
+    assert "'resources.gpus' is not known" in msg and "gpu" in msg and "\n" not in msg
+    # A setting of the earlier flat interface says where it is now.
+    with pytest.raises(
+        ParameterTypeError, match="'workers' is not known; it is now cluster.workers"
+    ):
+        run(workers=2)
     with pytest.raises(ExpflowError, match="force names step"):
         run(force=["train"])
 
@@ -181,8 +207,8 @@ def test_bad_sweep_settings_are_one_clear_error(prefect_harness, home):
 KILL_SCRIPT = """
 import sys
 from expflow_flows.flows.sweep import sweep
-sweep(name="killed", trainable="sample_trainables:slow_square",
-      space={"fixed": {"sleep": 0.3}, "grid": {"x": list(range(40))}}, chunk_size=10)
+sweep(settings={"name": "killed", "trainable": "sample_trainables:slow_square",
+      "space": {"fixed": {"sleep": 0.3}, "grid": {"x": list(range(40))}}, "chunk_size": 10})
 """
 
 

@@ -123,15 +123,19 @@ def test_two_workers_two_runs_one_study_on_postgresql(team_server, databases):
     ]
     try:
         params = {
-            "experiment": "team",
-            "study_name": "team-study",
-            "storage": storage,
-            "n_trials": 4,
-            "parallelism": 2,
-            "hpo_budget": {"epochs": 4},
-            "final_budget": {"epochs": 6},
-            "gates": ["nrmse:lt:1.0"],
-            "submit": False,
+            "settings": {
+                "experiment": "team",
+                "hpo": {
+                    "study_name": "team-study",
+                    "storage": storage,
+                    "n_trials": 4,
+                    "budget": {"epochs": 4},
+                },
+                "train": {"budget": {"epochs": 6}},
+                "cluster": {"workers": 2},
+                "gates": ["nrmse:lt:1.0"],
+                "submit": {"enabled": False},
+            }
         }
         ids = []
         for _ in range(2):

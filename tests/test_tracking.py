@@ -1,26 +1,44 @@
 """The tracking fan-out: what a pipeline run tells each tracking tool, and how a tool
-that is missing or breaks is handled (expflow_flows.integrations.tracking)."""
+that is missing or breaks is handled (expflow_flows.integrations.tracking).
+
+The run's ``tracking`` settings name the tools the settings model knows (clearml,
+langfuse); the tests stand adapters of tests/sample_trackers.py in for them.
+"""
 
 from __future__ import annotations
 
 import pytest
 import sample_trackers
+from prefect.exceptions import ParameterTypeError
 from test_pipeline import run_pipeline
 
 from expflow_flows.errors import ExpflowError, GateFailed
 from expflow_flows.integrations import tracking
+from expflow_flows.settings.pipeline import load_pipeline_settings
 
 
 @pytest.fixture
-def recorder(monkeypatch):
-    monkeypatch.setitem(tracking.ADAPTERS, "recorder", "sample_trackers:Recorder")
-    monkeypatch.setitem(tracking.ADAPTERS, "broken", "sample_trackers:Broken")
+def adapters(monkeypatch):
+    """``adapters(clearml="Recorder")``: a class of sample_trackers stands in for a tool."""
+
+    def use(**tools: str) -> None:
+        for tool, cls in tools.items():
+            monkeypatch.setitem(tracking.ADAPTERS, tool, f"sample_trackers:{cls}")
+
+    return use
+
+
+@pytest.fixture
+def recorder(adapters):
+    """The events the recording adapter saw; it stands in for ClearML, a broken one for
+    Langfuse."""
+    adapters(clearml="Recorder", langfuse="Broken")
     sample_trackers.EVENTS.clear()
     return sample_trackers.EVENTS
 
 
 def test_pipeline_tells_the_tracker_every_stage(prefect_harness, home, tmp_path, recorder):
-    summary = run_pipeline(tmp_path, n_trials=4, tracking={"recorder": {"label": "x"}})
+    summary = run_pipeline(tmp_path, hpo={"n_trials": 4}, tracking={"clearml": {}})
     kinds = [e[0] for e in recorder]
     assert kinds[0] == "started" and kinds[-2:] == ["finished", "closed"]
     context = recorder[0][1]
@@ -41,7 +59,9 @@ def test_pipeline_tells_the_tracker_every_stage(prefect_harness, home, tmp_path,
 
 def test_a_failed_gate_is_reported_once_with_the_metrics(prefect_harness, home, tmp_path, recorder):
     with pytest.raises(GateFailed):
-        run_pipeline(tmp_path, n_trials=2, gates=["test_loss:lt:-1"], tracking={"recorder": {}})
+        run_pipeline(
+            tmp_path, hpo={"n_trials": 2}, gates=["test_loss:lt:-1"], tracking={"clearml": {}}
+        )
     finished = [e[1] for e in recorder if e[0] == "finished"]
     assert len(finished) == 1
     status, metrics, _, message = finished[0]
@@ -49,10 +69,14 @@ def test_a_failed_gate_is_reported_once_with_the_metrics(prefect_harness, home, 
 
 
 def test_a_breaking_tool_is_switched_off_and_the_run_goes_on(
-    prefect_harness, home, tmp_path, recorder
+    prefect_harness, home, tmp_path, recorder, adapters
 ):
+    adapters(clearml="Broken", langfuse="Recorder")
     summary = run_pipeline(
-        tmp_path, n_trials=2, submit=False, tracking={"broken": {}, "recorder": {}}
+        tmp_path,
+        hpo={"n_trials": 2},
+        submit={"enabled": False},
+        tracking={"clearml": {}, "langfuse": {}},
     )
     assert summary["metrics"]["test_loss"] >= 0
     assert len(summary["tracking_warnings"]) == 1
@@ -65,10 +89,22 @@ def test_a_breaking_tool_is_switched_off_and_the_run_goes_on(
 def test_unknown_tool_or_bad_settings_stop_the_run_before_any_work(
     prefect_harness, home, tmp_path, recorder
 ):
-    with pytest.raises(ExpflowError, match="tracking tool 'mlflow' is not known; accepted:"):
+    # The flow's settings parameter is checked before the run starts.
+    with pytest.raises(ParameterTypeError, match=r"settings\.tracking\.mlflow: Extra inputs"):
         run_pipeline(tmp_path, tracking={"mlflow": {}})
-    with pytest.raises(ExpflowError, match="tracking.recorder: .*unexpected keyword"):
-        run_pipeline(tmp_path, tracking={"recorder": {"colour": "red"}})
+    with pytest.raises(ParameterTypeError, match=r"settings\.tracking\.clearml\.colour: Extra"):
+        run_pipeline(tmp_path, tracking={"clearml": {"colour": "red"}})
+    # The same from a config file or --set: one line naming the tool and what is accepted.
+    with pytest.raises(
+        ExpflowError,
+        match="pipeline setting 'tracking.mlflow' is not known; accepted: clearml, langfuse",
+    ):
+        load_pipeline_settings(None, {"tracking": {"mlflow": {}}})
+    with pytest.raises(ExpflowError, match="'tracking.clearml.colour' is not known; accepted:"):
+        load_pipeline_settings(None, {"tracking": {"clearml": {"colour": "red"}}})
+    # Settings the tool's adapter refuses stop the run before any work, too.
+    with pytest.raises(ExpflowError, match="tracking.clearml: .*unexpected keyword"):
+        run_pipeline(tmp_path, tracking={"clearml": {"project": "p"}})
     assert recorder == []
     assert not (tmp_path / "journal.log").exists()
 
@@ -81,13 +117,21 @@ def test_missing_sdk_names_the_extra(monkeypatch):
     )
 
 
-def test_sweep_reports_start_end_and_combinations_only_when_asked(
-    prefect_harness, home, recorder, monkeypatch
-):
-    from test_sweep_flow import run as run_sweep
+def run_sweep(**changes):
+    """The grid sweep of test_sweep_flow; ``changes`` are sweep settings over it."""
+    from test_sweep_flow import GRID
 
-    monkeypatch.setitem(tracking.ADAPTERS, "combos", "sample_trackers:ComboRecorder")
-    summary = run_sweep(name="tracked", tracking={"recorder": {}})
+    from expflow_flows.flows.sweep import sweep
+
+    settings = {"name": "grid", "trainable": "sample_trainables:sweep_square", "space": GRID}
+    return sweep(settings={**settings, **changes})
+
+
+def test_sweep_reports_start_end_and_combinations_only_when_asked(
+    prefect_harness, home, recorder, adapters
+):
+    adapters(clearml="Recorder", langfuse="ComboRecorder")
+    summary = run_sweep(name="tracked", tracking={"clearml": {}})
     kinds = [e[0] for e in recorder]
     assert kinds == ["started", "finished", "closed"]  # no combination by default
     assert recorder[0][1].kind == "sweep" and recorder[0][1].name == "tracked"
@@ -97,7 +141,7 @@ def test_sweep_reports_start_end_and_combinations_only_when_asked(
     assert artifacts["results.csv"].is_file() and artifacts["dashboard"].is_file()
 
     recorder.clear()
-    run_sweep(name="tracked", tracking={"combos": {}})  # all cached: still reported
+    run_sweep(name="tracked", tracking={"langfuse": {}})  # all cached: still reported
     combos = [e[1] for e in recorder if e[0] == "record"]
     assert len(combos) == 12 and all(c.kind == "combination" for c in combos)
     assert {(c.params["x"], c.params["y"]) for c in combos} == {

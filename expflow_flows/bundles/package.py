@@ -1503,7 +1503,7 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
             f"{meta_path} is missing or unreadable: is {sweep_dir} a sweep?"
         ) from None
     cfg = meta.get("config", {})
-    steps = cfg.get("steps") or [{"name": "run", "trainable": cfg.get("trainable")}]
+    steps = _sweep_steps(cfg)
     # A chain's later steps read their upstream's folder, so the runs a package can re-run
     # on their own are the first step's.
     first = steps[0]
@@ -1517,9 +1517,9 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
                 for k, v in row.items()
                 if k.startswith("metric:") and v is not None
             },
-            trainable=first["trainable"],
-            budget=first.get("budget") or cfg.get("budget"),
-            arg_style=cfg.get("arg_style", "argparse"),
+            trainable=first["target"],
+            budget=first.get("budget"),
+            arg_style=first.get("arg_style") or "argparse",
         )
         for row in results.rows
         if row["status"] in ("ok", "warning")
@@ -1532,7 +1532,7 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
     return create_package(
         out,
         name=f"{sweep_dir.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
-        trainable=[s["trainable"] for s in steps],
+        trainable=[s["target"] for s in steps],
         runs=runs,
         config_files=config_files,
         result_files=[p for p in (results_csv, sweep_dir / "results.parquet") if p.exists()],
@@ -1541,6 +1541,16 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
         extra={"sweep": sweep_dir.name, "combinations": meta.get("combinations")},
         kind="sweep",
     )
+
+
+def _sweep_steps(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sweep's steps from its recorded settings: each with name, target, budget, arg_style."""
+    if cfg.get("steps"):
+        return [dict(s) for s in cfg["steps"]]
+    trainable = cfg.get("trainable")
+    if not isinstance(trainable, dict) or not trainable.get("target"):
+        raise ExpflowError("the sweep's metadata.json names no trainable; is it a sweep folder?")
+    return [{"name": "run", **trainable}]
 
 
 def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: float = 10) -> Path:
@@ -1559,6 +1569,9 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
         else {}
     )
     train_run = Path(summary.get("train_run", "")) if summary.get("train_run") else None
+    train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
+    evaluate = settings.get("evaluate")
+    evaluate = evaluate.get("target") if isinstance(evaluate, dict) else evaluate
     runs = []
     if train_run and (train_run / "params.json").exists():
         runs.append(
@@ -1567,8 +1580,8 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
                 params=json.loads((train_run / "params.json").read_text(encoding="utf-8")),
                 metrics=json.loads((train_run / "metrics.json").read_text(encoding="utf-8")),
                 trainable=row.trainable,
-                budget=settings.get("final_budget"),
-                arg_style=settings.get("arg_style", "argparse"),
+                budget=train.get("budget"),
+                arg_style=train.get("arg_style") or "argparse",
             )
         )
     files = [
@@ -1584,7 +1597,7 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
     return create_package(
         out,
         name=f"{row.name}-{row.id}",
-        trainable=[t for t in (row.trainable, settings.get("evaluate")) if t],
+        trainable=[t for t in (row.trainable, evaluate) if t],
         runs=runs,
         config_files=[p for p in (run_dir / "params.json",) if p.exists()],
         result_files=files,

@@ -29,6 +29,7 @@ from expflow_flows.cli.runs import compare, runs_app
 from expflow_flows.cli.server import server_app
 from expflow_flows.cli.system import system_app
 from expflow_flows.errors import ExpflowError
+from expflow_flows.settings.base import set_dotted
 
 
 class _OneLineErrors(TyperGroup):
@@ -118,18 +119,22 @@ def _progress_display():
 def _run_pipeline(
     overrides: dict[str, Any], config: Path | None, force: bool, pin: str | None
 ) -> dict:
-    from expflow_flows.config import build_config
+    from expflow_flows.settings.pipeline import load_pipeline_settings
 
     if pin:
         os.environ["EXPFLOW_PIN"] = pin
-    cfg = build_config(config, **overrides)
-    from expflow_flows.flows.pipeline import _preflight, pipeline
+    # Bad settings, a missing trainable or tracking SDK, a missing PIN: one line, before
+    # anything starts. The flow gets what was given, so its run shows what changed.
+    settings = load_pipeline_settings(config, overrides)
+    from expflow_flows.flows.pipeline import pipeline, preflight
 
-    _preflight(cfg, force)
+    preflight(settings, force)
     bar, unsubscribe = _progress_display()
     try:
         with bar:
-            return pipeline(config=str(config) if config else None, force=force, **overrides)
+            return pipeline(
+                config=str(config) if config else None, settings=overrides or None, force=force
+            )
     finally:
         unsubscribe()
 
@@ -182,7 +187,7 @@ def demo(
     typer.echo("Generating the 1D advection dataset (PDEBench layout) ...", err=True)
     path = ensure_dataset("advection")
     typer.echo(f"dataset: {path}", err=True)
-    summary = _run_pipeline({"n_trials": n_trials}, DEMO_CONFIG, force=False, pin=None)
+    summary = _run_pipeline({"hpo": {"n_trials": n_trials}}, DEMO_CONFIG, force=False, pin=None)
     _show(summary, api, json_out)
 
 
@@ -193,25 +198,32 @@ app.command()(compare)
 def pipeline_run(
     config: Path | None = typer.Option(None, help="Pipeline config YAML (see deployments/)."),
     experiment: str | None = typer.Option(None, help="Experiment name (run folder, study name)."),
-    train: str | None = typer.Option(None, help="Train trainable: module:function or script path."),
+    train: str | None = typer.Option(None, help="train.target: module:function or script path."),
     evaluate: str | None = typer.Option(
-        None, help="Eval trainable: module:function or script path."
+        None, help="evaluate.target: module:function or script path."
     ),
     space: str | None = typer.Option(None, help="Search space YAML file."),
-    n_trials: int | None = typer.Option(None, help="HPO trials the study should hold."),
-    parallelism: int | None = typer.Option(None, help="Trials at once (Dask workers)."),
-    runner: str | None = typer.Option(None, help="Task runner for trials: dask or threads."),
-    dask_address: str | None = typer.Option(None, help="Use an existing Dask scheduler."),
+    n_trials: int | None = typer.Option(None, help="hpo.n_trials: trials the study should hold."),
+    workers: int | None = typer.Option(None, help="cluster.workers: trials at once."),
+    cluster: str | None = typer.Option(None, help="cluster.kind: local, threads or slurm."),
+    dask_address: str | None = typer.Option(
+        None, help="cluster.address: use an existing Dask scheduler."
+    ),
     objective: str | None = typer.Option(None, help="Metric HPO optimises."),
     direction: str | None = typer.Option(None, help="minimize or maximize."),
-    storage: str | None = typer.Option(None, help="Optuna storage: journal file path or URL."),
-    study_name: str | None = typer.Option(None, help="Optuna study name (default: experiment)."),
+    storage: str | None = typer.Option(None, help="hpo.storage: journal file path or URL."),
+    study_name: str | None = typer.Option(None, help="hpo.study_name (default: the experiment)."),
     gate: list[str] | None = typer.Option(None, help="Gate metric:op:value (repeatable)."),
-    submit: bool | None = typer.Option(None, help="Write a submission bundle if gates pass."),
-    submit_to: str | None = typer.Option(None, help="Folder for submission bundles."),
+    submit: bool | None = typer.Option(
+        None, help="submit.enabled: write a submission bundle if the gates pass."
+    ),
+    submit_to: str | None = typer.Option(None, help="submit.to: folder for submission bundles."),
     param: list[str] | None = typer.Option(None, help="Fixed parameter name=value (repeatable)."),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="Any pipeline setting as key=YAML, e.g. hpo_budget='{epochs: 5}'."
+        None,
+        "--set",
+        help="Any pipeline setting as dotted.key=YAML, e.g. hpo.budget='{epochs: 5}' "
+        "or train.arg_style=hydra.",
     ),
     pin: str | None = typer.Option(None, help="PIN for the guarded submit (or EXPFLOW_PIN)."),
     force: bool = typer.Option(False, help="Submit without a PIN (written to the audit log)."),
@@ -220,29 +232,61 @@ def pipeline_run(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run HPO → train → eval → submit."""
-    overrides: dict[str, Any] = {
-        "experiment": experiment,
-        "train": train,
-        "evaluate": evaluate,
-        "space": space,
-        "n_trials": n_trials,
-        "parallelism": parallelism,
-        "runner": runner,
-        "dask_address": dask_address,
-        "objective": objective,
-        "direction": direction,
-        "storage": storage,
-        "study_name": study_name,
-        "gates": list(gate) if gate else None,
-        "submit": submit,
-        "submit_to": submit_to,
-    }
-    overrides.update(_parse_settings(set_ or []))
+    overrides = _options_to_settings(
+        {
+            "experiment": experiment,
+            "train.target": train,
+            "evaluate.target": evaluate,
+            "space": space,
+            "hpo.n_trials": n_trials,
+            "cluster.workers": workers,
+            "cluster.kind": cluster,
+            "cluster.address": dask_address,
+            "objective": objective,
+            "direction": direction,
+            "hpo.storage": storage,
+            "hpo.study_name": study_name,
+            "gates": list(gate) if gate else None,
+            "submit.enabled": submit,
+            "submit.to": submit_to,
+        },
+        set_ or [],
+    )
     if param:
         overrides["params"] = _parse_params(param, config)
     api = _ensure_server(port, server)
     summary = _run_pipeline(overrides, config, force=force, pin=pin)
     _show(summary, api, json_out)
+
+
+def _settings_command(kind: str) -> Any:
+    """``expflow <kind> settings``: the resolved settings, secret-looking values masked."""
+
+    def show(
+        config: Path | None = typer.Option(None, help=f"{kind.title()} config YAML."),
+        set_: list[str] | None = typer.Option(
+            None, "--set", help=f"A setting as dotted.key=YAML, as for `{kind} run` (repeatable)."
+        ),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+    ) -> None:
+        from expflow_flows.secrets import scrub
+        from expflow_flows.settings.pipeline import load_pipeline_settings
+        from expflow_flows.settings.sweep import load_sweep_settings
+
+        load = load_pipeline_settings if kind == "pipeline" else load_sweep_settings
+        data = scrub(load(config, _options_to_settings({}, set_ or [])).to_dict())
+        if json_out:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        import yaml
+
+        typer.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())
+
+    show.__doc__ = f"Show the settings a {kind} would use: defaults < config file < --set, checked."
+    return show
+
+
+pipeline_app.command("settings")(_settings_command("pipeline"))
 
 
 @pipeline_app.command("delete-study")
@@ -259,28 +303,38 @@ def pipeline_delete_study(
     typer.echo(f"deleted study {study_name}")
 
 
-def _parse_settings(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs, values read as YAML; keys are checked by build_config."""
+def _options_to_settings(options: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """Given CLI options (by their dotted setting) and ``--set key=value`` pairs (values read
+    as YAML) as nested settings; the settings model checks the names and values."""
     import yaml
 
     out: dict[str, Any] = {}
+    for key, value in options.items():
+        if value is not None:
+            set_dotted(out, key, value)
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ExpflowError(f"--set {item!r}: expected key=value")
+        if not sep or not key.strip():
+            raise ExpflowError(f"--set {item!r}: expected key=value, e.g. hpo.n_trials=20")
+        if not raw.strip():
+            raise ExpflowError(
+                f"--set {item!r}: the value is empty; give one (null clears a setting "
+                "that may be empty)"
+            )
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise ExpflowError(f"--set {item!r}: the value is not valid YAML") from None
+        set_dotted(out, key.strip(), value)
     return out
 
 
 def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
     import yaml
 
-    from expflow_flows.config import build_config
+    from expflow_flows.settings.pipeline import load_pipeline_settings
 
-    base = dict(build_config(config).params)
+    base = dict(load_pipeline_settings(config).params)
     for item in items:
         name, sep, raw = item.partition("=")
         if not sep or not name:
@@ -289,41 +343,55 @@ def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
     return base
 
 
+sweep_app.command("settings")(_settings_command("sweep"))
+
+
 @sweep_app.command("run")
 def sweep_run(
     config: Path | None = typer.Option(None, help="Sweep config YAML (see deployments/)."),
     name: str | None = typer.Option(None, help="Sweep name (its folder and cache)."),
-    trainable: str | None = typer.Option(None, help="module:function or script path."),
+    trainable: str | None = typer.Option(
+        None, help="trainable.target: module:function or script path."
+    ),
     space: str | None = typer.Option(None, help="Sweep space YAML file."),
-    workers: int | None = typer.Option(None, help="Dask workers of the local cluster."),
-    dask_address: str | None = typer.Option(None, help="Use an existing Dask scheduler."),
+    workers: int | None = typer.Option(None, help="cluster.workers: combinations at once."),
+    cluster: str | None = typer.Option(None, help="cluster.kind: local, threads or slurm."),
+    dask_address: str | None = typer.Option(
+        None, help="cluster.address: use an existing Dask scheduler."
+    ),
     force: bool = typer.Option(False, help="Run every combination again, cached or not."),
     set_: list[str] | None = typer.Option(
-        None, "--set", help="Any sweep setting as key=YAML, e.g. resources='{memory: 2GB}'."
+        None,
+        "--set",
+        help="Any sweep setting as dotted.key=YAML, e.g. resources.memory=2GB "
+        "or trainable.arg_style=hydra.",
     ),
     port: int = typer.Option(4200, help="Local Prefect server port."),
     server: bool = typer.Option(False, help="Start (or reuse) a local Prefect server."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run a sweep: every combination of a space, cached and resumable."""
-    overrides: dict[str, Any] = {
-        "name": name,
-        "trainable": trainable,
-        "space": space,
-        "workers": workers,
-        "dask_address": dask_address,
-        "force": True if force else None,
-    }
-    overrides.update(_parse_settings(set_ or []))
-    from expflow_flows.integrations.tracking import check_settings
-    from expflow_flows.sweep.config import build_sweep_config
+    overrides = _options_to_settings(
+        {
+            "name": name,
+            "trainable.target": trainable,
+            "space": space,
+            "cluster.workers": workers,
+            "cluster.kind": cluster,
+            "cluster.address": dask_address,
+            "force": True if force else None,
+        },
+        set_ or [],
+    )
+    from expflow_flows.flows.sweep import preflight, sweep
+    from expflow_flows.settings.sweep import load_sweep_settings
 
-    # Bad settings or a missing tracking SDK: one line, before anything starts.
-    check_settings(build_sweep_config(config, **overrides).tracking)
+    # Bad settings, space or trainable, a missing tracking SDK: one line, before
+    # anything starts.
+    preflight(load_sweep_settings(config, overrides))
     api = _ensure_server(port, server)
-    from expflow_flows.flows.sweep import sweep
 
-    summary = sweep(config=str(config) if config else None, **overrides)
+    summary = sweep(config=str(config) if config else None, settings=overrides or None)
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return

@@ -121,9 +121,9 @@ def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterat
 
 def _slurm_cluster(cluster: ClusterSettings, resources: dict[str, float]) -> Any:
     """``cluster.workers`` Slurm jobs, each one Dask worker with ``slurm.cores`` threads."""
+    kwargs = slurm_cluster_kwargs(cluster.slurm)  # first: a missing dask-jobqueue is one line
     from dask_jobqueue import SLURMCluster
 
-    kwargs = slurm_cluster_kwargs(cluster.slurm)
     gres = any("gres" in d or "gpus" in d for d in kwargs.get("job_extra_directives", []))
     gpus = float(resources.get("GPU", 0)) if gres else 0
     procs = kwargs.get("processes", 1)
@@ -135,22 +135,3 @@ def _slurm_cluster(cluster: ClusterSettings, resources: dict[str, float]) -> Any
     made = SLURMCluster(**kwargs)
     made.scale(jobs=cluster.workers)
     return made
-
-
-def make_task_runner(
-    runner: str = "dask",
-    *,
-    workers: int = 2,
-    dask_address: str | None = None,
-    slurm: dict[str, Any] | None = None,
-) -> Any:
-    """The earlier flat settings (``runner`` dask/threads/slurm) through :func:`task_runner`."""
-    from expflow_flows.settings.base import validate
-
-    kind = {"dask": "local"}.get(runner, runner)
-    cluster = validate(
-        ClusterSettings,
-        {"kind": kind, "workers": workers, "address": dask_address, "slurm": slurm or None},
-        "cluster",
-    )
-    return task_runner(cluster)

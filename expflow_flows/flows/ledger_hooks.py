@@ -22,11 +22,18 @@ Describe = Callable[[dict[str, Any]], tuple[str, str, dict[str, Any]]]
 
 def describe_pipeline(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     """Name, trainable and settings of a pipeline run (its config file included)."""
-    from expflow_flows.config import build_config
+    from expflow_flows.settings.pipeline import load_pipeline_settings
 
-    fields = {k: v for k, v in parameters.items() if k not in ("config", "force", "offpeak")}
-    cfg = build_config(parameters.get("config"), **fields)
-    return cfg.experiment, cfg.train, cfg.to_dict()
+    settings = load_pipeline_settings(parameters.get("config"), parameters.get("settings"))
+    return settings.experiment, settings.train.target, settings.to_dict()
+
+
+def describe_sweep(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """Name, trainable (or chain) and settings of a sweep run (its config file included)."""
+    from expflow_flows.settings.sweep import load_sweep_settings
+
+    settings = load_sweep_settings(parameters.get("config"), parameters.get("settings"))
+    return settings.name, settings.label, settings.to_dict()
 
 
 def _row(flow: Any, flow_run: Any, ledger: Ledger, describe: Describe):
@@ -36,8 +43,9 @@ def _row(flow: Any, flow_run: Any, ledger: Ledger, describe: Describe):
         try:
             name, trainable, settings = describe(params)
         except Exception:  # noqa: BLE001 - bad settings fail the flow itself; the row still exists
-            name = str(params.get("experiment") or params.get("name") or flow.name)
-            trainable, settings = str(params.get("train") or params.get("trainable") or ""), params
+            given = params.get("settings") if isinstance(params.get("settings"), dict) else {}
+            name = str(given.get("experiment") or given.get("name") or flow.name)
+            trainable, settings = "", params
         row = ledger.register(
             name,
             kind=flow.name,

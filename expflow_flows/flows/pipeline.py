@@ -1,9 +1,12 @@
 """The HPO → train → eval → submit pipeline as Prefect flows.
 
 ``pipeline`` is the flow users run (UI, ``prefect deployment run``, ``expflow
-pipeline run``, Python). Its HPO stage is the nested flow ``hpo``, whose task
-runner (a Dask ``LocalCluster`` by default) is chosen from the run's parameters.
-Domain work lives in the core modules; these flows only compose it.
+pipeline run``, Python). Its parameters are a YAML ``config`` file and typed
+``settings`` over it (:class:`~expflow_flows.settings.pipeline.PipelineSettings`,
+all fields optional), so the Prefect UI shows a form with descriptions and choices.
+Its HPO stage is the nested flow ``hpo``, whose task runner follows the run's
+``cluster`` settings. The HPO loop (:mod:`expflow_flows.hpo.loop`), gates, bundles
+and run folders are domain modules; these flows compose them and report.
 """
 
 from __future__ import annotations
@@ -22,16 +25,14 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from expflow_flows.bundles import submission
-from expflow_flows.config import PipelineConfig, build_config
 from expflow_flows.errors import ExpflowError, GateFailed
-from expflow_flows.flows.clusters import make_task_runner
+from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
 from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
-from expflow_flows.hpo import progress
+from expflow_flows.hpo import loop
 from expflow_flows.hpo import study as hpo
-from expflow_flows.hpo.report import write_study_report
 from expflow_flows.hpo.space import SearchSpace
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import active as active_tracking
@@ -43,6 +44,12 @@ from expflow_flows.runs.metadata import capture_environment
 from expflow_flows.runs.rundir import RunDir, new_run_id
 from expflow_flows.runs.trainable import RunResult, Trainable, run_trainable
 from expflow_flows.secrets import scrub
+from expflow_flows.settings.base import overrides_model
+from expflow_flows.settings.common import TrackingSettings
+from expflow_flows.settings.pipeline import PipelineSettings, load_pipeline_settings
+
+# The flow's ``settings`` parameter: every pipeline setting, each optional.
+PipelineOverrides = overrides_model(PipelineSettings)
 
 
 def _result(d: dict[str, Any]) -> RunResult:
@@ -111,136 +118,106 @@ def run_stage(
     return result.to_dict()
 
 
-@flow(name="hpo", flow_run_name="hpo-{study_name}")
-def hpo_flow(
-    config: dict[str, Any], study_name: str, experiment_dir: str, report_dir: str | None = None
-) -> dict[str, Any]:
-    """Run trials until the study holds ``n_trials`` finished ones; returns the best.
+class _TaskTrials:
+    """The HPO loop's trial launcher: each trial is a ``run_trial`` task on the flow's runner."""
 
-    Trial folders go under ``experiment_dir``; the HTML report into ``report_dir``
-    (default: ``experiment_dir``).
+    def __init__(self, settings: PipelineSettings, storage: str) -> None:
+        self.settings, self.storage = settings, storage
+
+    def start(self, spec: loop.TrialSpec) -> Any:
+        s = self.settings
+        return run_trial.submit(
+            number=spec.number,
+            trial_id=spec.trial_id,
+            trainable=s.train.target,
+            params=spec.params,
+            run_dir=spec.run_dir,
+            budget=s.hpo.budget.as_dict(),
+            objective=s.objective,
+            storage=self.storage,
+            study_name=s.study_name,
+            pruner=s.hpo.pruner,
+            timeout=s.hpo.trial_timeout,
+            arg_style=s.train.arg_style,
+        )
+
+    def next_finished(self, handles: list[Any]) -> Any:
+        return next(as_completed(handles))
+
+    def result(self, handle: Any) -> RunResult:
+        return _result(handle.result())
+
+
+def _hpo_run_name() -> str:
+    settings = flow_run.parameters.get("settings")
+    if isinstance(settings, dict):
+        settings = PipelineSettings.model_validate(settings)
+    return f"hpo-{settings.study_name}" if settings is not None else "hpo"
+
+
+@flow(name="hpo", flow_run_name=_hpo_run_name)
+def hpo_flow(
+    settings: PipelineSettings, experiment_dir: str, report_dir: str | None = None
+) -> dict[str, Any]:
+    """Run trials until the study holds ``hpo.n_trials`` finished ones; returns the best.
+
+    Args:
+        settings: The pipeline's settings (the HPO stage, the train trainable, the cluster).
+        experiment_dir: Folder the trial folders go under.
+        report_dir: Folder of the HTML study report (default: ``experiment_dir``).
     """
     try:
-        return _hpo(PipelineConfig(**config), study_name, experiment_dir, report_dir)
+        return _hpo(settings, Path(experiment_dir), Path(report_dir or experiment_dir))
     except ExpflowError as exc:
         get_run_logger().error("%s", exc)
         return Failed(message=str(exc), data=exc)
 
 
-def _hpo(
-    cfg: PipelineConfig, study_name: str, experiment_dir: str, report_dir: str | None
-) -> dict[str, Any]:
+def _hpo(settings: PipelineSettings, experiment_dir: Path, report_dir: Path) -> dict[str, Any]:
     logger = get_run_logger()
-    space = SearchSpace.load(cfg.space)
-    storage = hpo.resolve_storage(cfg.storage)
+    storage = hpo.resolve_storage(settings.hpo.storage)
     study = hpo.open_study(
-        storage, study_name, direction=cfg.direction, pruner=cfg.pruner, seed=cfg.seed
+        storage,
+        settings.study_name,
+        direction=settings.direction,
+        pruner=settings.hpo.pruner,
+        seed=settings.hpo.seed,
     )
-    _fail_abandoned_trials(study, str(flow_run.get_id() or ""))
-    already = hpo.finished_count(study)
-    remaining = max(cfg.n_trials - already, 0)
-    if already:
-        logger.info(
-            "study %r resumed with %d finished trials; %d to run", study_name, already, remaining
-        )
-    counts = progress.TrialProgress(study=study_name, target=cfg.n_trials)
-    for t in study.get_trials(deepcopy=False):
-        state = t.state.name
-        counts.complete += state == "COMPLETE"
-        counts.pruned += state == "PRUNED"
-        counts.failed += state == "FAIL"
+    run_id = str(flow_run.get_id() or "")
+    for other, numbers in loop.fail_abandoned_trials(study, run_id, _ended_state).items():
+        logger.warning("trials %s of an ended flow run %s marked failed", numbers, other)
 
-    def refresh() -> None:
-        best = hpo.best_trial(study)
-        if best is not None:
-            counts.best_value, counts.best_params = best.value, dict(best.params)
-        progress.publish(counts)
+    def told(spec: loop.TrialSpec, result: RunResult | None, outcome: str) -> None:
+        active_tracking().record(_trial_record(settings, spec, result, outcome))
 
-    refresh()
-    in_flight: dict[Any, Any] = {}
-    launched = 0
-    trial_dirs: list[str] = []  # this run's trials, whose LLM costs the experiment pays
-    fixed = dict(cfg.params)
-    flow_run_id = str(flow_run.get_id() or "")
-    trainable_mod.clear_stop()
-    try:
-        while launched < remaining or in_flight:
-            while launched < remaining and len(in_flight) < cfg.parallelism:
-                trial = study.ask()
-                params = {**fixed, **space.suggest(trial)}
-                trial.set_user_attr("flow_run_id", flow_run_id)
-                run_dir = Path(experiment_dir) / f"hpo-t{trial.number:04d}-{new_run_id('')[1:]}"
-                trial_dirs.append(str(run_dir))
-                future = run_trial.submit(
-                    number=trial.number,
-                    trial_id=trial._trial_id,
-                    trainable=cfg.train,
-                    params=params,
-                    run_dir=str(run_dir),
-                    budget=cfg.hpo_budget,
-                    objective=cfg.objective,
-                    storage=storage,
-                    study_name=study_name,
-                    pruner=cfg.pruner,
-                    timeout=cfg.trial_timeout,
-                    arg_style=cfg.arg_style,
-                )
-                in_flight[future] = trial
-                launched += 1
-                counts.running = len(in_flight)
-                refresh()
-            future = next(as_completed(list(in_flight)))
-            trial = in_flight.pop(future)
-            result: RunResult | None = None
-            try:
-                result = _result(future.result())
-                outcome = hpo.tell_result(study, trial, result, cfg.objective)
-            except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
-                outcome = hpo.tell_result(study, trial, None, cfg.objective, error=str(exc))
-            active_tracking().record(_trial_record(cfg, trial, result, outcome))
-            counts.complete += outcome == "complete"
-            counts.pruned += outcome == "pruned"
-            counts.failed += outcome == "fail"
-            counts.running = len(in_flight)
-            refresh()
-            logger.info(counts.line())
-    except BaseException:
-        # The flow run is ending (cancelled, crashed, interrupted): trials running in
-        # threads stop at their next report instead of holding the process open.
-        trainable_mod.request_stop()
-        raise
-
-    rows = hpo.trials_table(study)
-    create_table_artifact(
-        key=_artifact_key(study_name, "trials"),
-        table=[{k: _cell(v) for k, v in r.items()} for r in rows],
-        description=f"Trials of study {study_name}: {counts.line()}",
-    )
-    report = write_study_report(
+    counts, trial_dirs = loop.run_study(
+        settings,
         study,
-        Path(report_dir or experiment_dir) / f"report-{study_name}.html",
-        title=f"HPO report: {study_name}",
-        extra={"objective": f"{cfg.objective} ({cfg.direction})", "storage": storage},
+        _TaskTrials(settings, storage),
+        experiment_dir,
+        flow_run_id=run_id,
+        on_told=told,
+        log=logger.info,
     )
-    best = hpo.best_trial(study)
-    if best is None:
-        raise ExpflowError(
-            f"no trial of study {study_name!r} succeeded ({counts.failed} failed, "
-            f"{counts.pruned} pruned); see the trials table and each trial's output.log"
-        )
-    return {
-        "study": study_name,
-        "storage": storage,
-        "best_trial": best.number,
-        "best_value": best.value,
-        "best_params": dict(best.params),
-        "complete": counts.complete,
-        "pruned": counts.pruned,
-        "failed": counts.failed,
-        "trials": rows,
-        "report": str(report),
-        "trial_dirs": trial_dirs,
-    }
+    outcome = loop.conclude(settings, study, storage, counts, trial_dirs, report_dir)
+    create_table_artifact(
+        key=_artifact_key(settings.study_name, "trials"),
+        table=[{k: _cell(v) for k, v in r.items()} for r in outcome.trials],
+        description=f"Trials of study {settings.study_name}: {counts.line()}",
+    )
+    return outcome.to_dict()
+
+
+def _ended_state(run_id: str) -> str | None:
+    """The final state of a flow run on this server (None: still running, or unknown)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(run_id).state
+        except Exception:  # noqa: BLE001 - a run this server does not know: leave it be
+            return None
+    return state.type.value if state is not None and state.is_final() else None
 
 
 def _is_script(trainable: str) -> bool:
@@ -248,7 +225,7 @@ def _is_script(trainable: str) -> bool:
 
 
 def _step_record(
-    kind: str, name: str, params: dict[str, Any], result: RunResult, cfg
+    kind: str, name: str, params: dict[str, Any], result: RunResult, target: str
 ) -> StepRecord:
     return StepRecord(
         kind=kind,
@@ -260,43 +237,25 @@ def _step_record(
         started=time.time() - result.wall_s,
         wall_s=result.wall_s,
         run_dir=result.run_dir,
-        script=_is_script(cfg.train if kind != "evaluate" else cfg.evaluate),
+        script=_is_script(target),
         reason=result.reason,
     )
 
 
-def _trial_record(cfg: PipelineConfig, trial: Any, result: RunResult | None, outcome: str):
-    params = {**cfg.params, **trial.params}
-    name = f"trial-{trial.number:04d}"
+def _trial_record(
+    settings: PipelineSettings, spec: loop.TrialSpec, result: RunResult | None, outcome: str
+) -> StepRecord:
+    name = f"trial-{spec.number:04d}"
     if result is None:
-        record = StepRecord("trial", name, params, "failed", reason="the trial's worker was lost")
-        record.script = _is_script(cfg.train)
+        record = StepRecord(
+            "trial", name, dict(spec.params), "failed", reason="the trial's worker was lost"
+        )
+        record.script = _is_script(settings.train.target)
     else:
-        record = _step_record("trial", name, params, result, cfg)
+        record = _step_record("trial", name, spec.params, result, settings.train.target)
         record.status = {"complete": result.status, "fail": "failed"}.get(outcome, outcome)
-    record.number = trial.number
+    record.number = spec.number
     return record
-
-
-def _fail_abandoned_trials(study: Any, current_run: str) -> None:
-    """Trials left running by a flow run that has ended (killed, crashed) are failed."""
-    from prefect.client.orchestration import get_client
-
-    stale = {k: v for k, v in hpo.running_trials_by_run(study).items() if k != current_run}
-    if not stale:
-        return
-    logger = get_run_logger()
-    with get_client(sync_client=True) as client:
-        for run_id, numbers in stale.items():
-            try:
-                state = client.read_flow_run(run_id).state
-            except Exception:  # noqa: BLE001 - a run this server does not know: leave it be
-                continue
-            if state is not None and state.is_final():
-                hpo.fail_abandoned(
-                    study, numbers, f"abandoned: flow run {run_id} ended {state.type.value}"
-                )
-                logger.warning("trials %s of an ended flow run %s marked failed", numbers, run_id)
 
 
 def _cell(value: Any) -> Any:
@@ -311,98 +270,48 @@ def _artifact_key(*parts: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-")[:100]
 
 
-def _preflight(cfg: PipelineConfig, force: bool) -> tuple[SearchSpace, list[Any]]:
-    """Check everything a user can get wrong before any trial runs."""
-    Trainable.parse(cfg.train).check()
-    Trainable.parse(cfg.evaluate).check()
-    check_tracking(cfg.tracking)
-    space = SearchSpace.load(cfg.space)
-    gates = gates_mod.parse_gates(cfg.gates)
+def preflight(settings: PipelineSettings, force: bool) -> list[Any]:
+    """Check everything a user can get wrong before any trial runs; returns the gates."""
+    Trainable.parse(settings.train.target).check()
+    Trainable.parse(settings.evaluate.target).check()
+    check_tracking(settings.tracking.enabled())
+    SearchSpace.load(settings.space)
+    gates = gates_mod.parse_gates(settings.gates)
     if (
-        cfg.submit
+        settings.submit.enabled
         and not force
         and pin.pin_status().get("set")
         and not os.environ.get("EXPFLOW_PIN")
     ):
         raise ExpflowError(
             "submitting is PIN-guarded and no PIN was given: set EXPFLOW_PIN, pass --pin, "
-            "or run with force (logged), or submit=false"
+            "or run with force (logged), or submit.enabled=false"
         )
-    return space, gates
+    return gates
 
 
 @flow(name="pipeline", **hooks_for(describe_pipeline))
 def pipeline(
     config: str | None = None,
-    experiment: str | None = None,
-    train: str | None = None,
-    evaluate: str | None = None,
-    space: str | dict[str, Any] | None = None,
-    params: dict[str, Any] | None = None,
-    n_trials: int | None = None,
-    parallelism: int | None = None,
-    runner: str | None = None,
-    dask_address: str | None = None,
-    slurm: dict[str, Any] | None = None,
-    hpo_budget: dict[str, Any] | None = None,
-    final_budget: dict[str, Any] | None = None,
-    objective: str | None = None,
-    direction: str | None = None,
-    pruner: str | None = None,
-    seed: int | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    trial_timeout: float | None = None,
-    arg_style: str | None = None,
-    gates: list[str] | None = None,
-    submit: bool | None = None,
-    submit_to: str | None = None,
-    submission_name: str | None = None,
+    settings: PipelineOverrides | None = None,  # type: ignore[valid-type]
     force: bool = False,
-    offpeak: dict[str, Any] | None = None,
-    tracking: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """HPO → train → eval → submit. Settings come from ``config`` (YAML) and the arguments that override it.
+    """HPO → train → eval → submit: an Optuna study, the best parameters trained at the
+    final budget and evaluated, metric gates, and a PIN-guarded submission bundle.
 
-    ``tracking`` (e.g. ``{clearml: {project: pde}, langfuse: {}}``) mirrors the run to
-    tracking tools (see ``expflow_flows.integrations.tracking``).
-
-    ``offpeak`` (e.g. ``{windows: ['22:00-08:00'], timezone: Europe/Berlin}``) moves a run
-    triggered in peak hours to the next off-peak window.
+    Args:
+        config: A pipeline YAML config file (see deployments/); relative file names in it
+            are relative to it. Empty: the built-in PDE advection workload.
+        settings: Settings over the config file; give only what changes, e.g.
+            {"hpo": {"n_trials": 20}, "cluster": {"workers": 4}}.
+        force: Submit without a PIN even when one is set (written to the audit log).
     """
     try:
-        deferred = hold_for_offpeak(offpeak)
+        resolved = load_pipeline_settings(config, settings)
+        deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
             return deferred
-        cfg = build_config(
-            config,
-            experiment=experiment,
-            train=train,
-            evaluate=evaluate,
-            space=space,
-            params=params,
-            n_trials=n_trials,
-            parallelism=parallelism,
-            runner=runner,
-            dask_address=dask_address,
-            tracking=tracking,
-            slurm=slurm,
-            hpo_budget=hpo_budget,
-            final_budget=final_budget,
-            objective=objective,
-            direction=direction,
-            pruner=pruner,
-            seed=seed,
-            storage=storage,
-            study_name=study_name,
-            trial_timeout=trial_timeout,
-            arg_style=arg_style,
-            gates=gates,
-            submit=submit,
-            submit_to=submit_to,
-            submission_name=submission_name,
-        )
-        return _pipeline(cfg, force)
+        return _pipeline(resolved, force)
     except ExpflowError as exc:
         # A user-facing outcome (bad input, failed gate, no successful trial): one
         # line in the log and the run's state message, no traceback.
@@ -410,14 +319,14 @@ def pipeline(
         return Failed(message=str(exc), data=exc)
 
 
-def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
-    _, gate_list = _preflight(cfg, force)
+def _pipeline(settings: PipelineSettings, force: bool) -> dict[str, Any]:
+    gate_list = preflight(settings, force)
     # Before any work: a tracking tool asked for but not installed is one clear line.
-    tracking = Tracking.from_settings(cfg.tracking)
-    run_dir = RunDir.create(runs_root() / cfg.experiment / new_run_id("pipeline"))
+    tracking = Tracking.from_settings(settings.tracking.enabled())
+    run_dir = RunDir.create(runs_root() / settings.experiment / new_run_id("pipeline"))
     with tracking:
         try:
-            return _stages(cfg, force, gate_list, run_dir, tracking)
+            return _stages(settings, force, gate_list, run_dir, tracking)
         except Exception as exc:
             if isinstance(exc, ExpflowError):
                 run_dir.write_status("failed", str(exc))
@@ -427,41 +336,45 @@ def _pipeline(cfg: PipelineConfig, force: bool) -> dict[str, Any]:
 
 
 def _stages(
-    cfg: PipelineConfig, force: bool, gate_list: list[Any], run_dir: RunDir, tracking: Tracking
+    settings: PipelineSettings,
+    force: bool,
+    gate_list: list[Any],
+    run_dir: RunDir,
+    tracking: Tracking,
 ) -> dict[str, Any]:
     logger = get_run_logger()
+    experiment = settings.experiment
     experiment_dir = run_dir.path.parent
-    run_dir.write_params(scrub(cfg.to_dict()))
+    run_dir.write_params(scrub(settings.to_dict()))
     environment = capture_environment()
     run_dir.write_metadata({"flow_run_id": str(flow_run.get_id() or ""), **environment})
-    logger.info("pipeline %s: run folder %s", cfg.experiment, run_dir.path)
+    logger.info("pipeline %s: run folder %s", experiment, run_dir.path)
     tracking.run_started(
         RunContext(
             kind="pipeline",
-            name=cfg.experiment,
+            name=experiment,
             run_dir=run_dir.path,
-            params=scrub(cfg.to_dict()),
+            params=scrub(settings.to_dict()),
             flow_run_id=str(flow_run.get_id() or ""),
             flow_run_url=flow_run.get_flow_run_ui_url(),
         )
     )
 
-    # --- HPO: a nested flow so its task runner can follow this run's parameters.
-    task_runner = make_task_runner(
-        cfg.runner, workers=cfg.parallelism, dask_address=cfg.dask_address, slurm=cfg.slurm
-    )
+    # --- HPO: a nested flow so its task runner can follow this run's cluster settings.
+    # Its parameters are stored by Prefect: tracking settings (keys) stay out of them.
+    hpo_settings = settings.model_copy(update={"tracking": TrackingSettings()})
     try:
-        study = hpo_flow.with_options(task_runner=task_runner)(
-            cfg.to_dict(), cfg.resolved_study_name, str(experiment_dir), str(run_dir.path)
+        study = hpo_flow.with_options(task_runner=task_runner(settings.cluster))(
+            hpo_settings, str(experiment_dir), str(run_dir.path)
         )
     finally:
         # The HPO stage's threads are gone once its flow returned or raised: a stop it
         # asked for must not reach later callables of this process.
         trainable_mod.clear_stop()
-    best_params = {**cfg.params, **study["best_params"]}
+    best_params = {**settings.params, **study["best_params"]}
     create_markdown_artifact(
-        key=_artifact_key(cfg.experiment, "best-params"),
-        markdown=_best_markdown(study, best_params, cfg),
+        key=_artifact_key(experiment, "best-params"),
+        markdown=_best_markdown(study, best_params, settings),
         description="Best parameters found by HPO",
     )
 
@@ -469,14 +382,15 @@ def _stages(
     trained = _result(
         run_stage(
             "train",
-            cfg.train,
+            settings.train.target,
             best_params,
             str(experiment_dir / new_run_id("train")),
-            cfg.final_budget,
-            arg_style=cfg.arg_style,
+            settings.final_budget,
+            timeout=settings.train.timeout,
+            arg_style=settings.train.arg_style,
         )
     )
-    tracking.record(_step_record("train", "train", best_params, trained, cfg))
+    tracking.record(_step_record("train", "train", best_params, trained, settings.train.target))
     if not trained.ok:
         raise ExpflowError(
             f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
@@ -484,25 +398,29 @@ def _stages(
     evaluated = _result(
         run_stage(
             "evaluate",
-            cfg.evaluate,
+            settings.evaluate.target,
             best_params,
             str(experiment_dir / new_run_id("eval")),
-            cfg.final_budget,
+            settings.eval_budget,
             upstream=str(trained.run_dir),
-            arg_style=cfg.arg_style,
+            timeout=settings.evaluate.timeout,
+            arg_style=settings.evaluate.arg_style,
         )
     )
-    evaluation = _step_record("evaluate", "evaluate", best_params, evaluated, cfg)
-    predictions = evaluated.run_dir / cfg.predictions
+    predictions_name = settings.submit.predictions
+    evaluation = _step_record(
+        "evaluate", "evaluate", best_params, evaluated, settings.evaluate.target
+    )
+    predictions = evaluated.run_dir / predictions_name
     if predictions.is_file():
-        evaluation.artifacts[cfg.predictions] = predictions
+        evaluation.artifacts[predictions_name] = predictions
     tracking.record(evaluation)
     if not evaluated.ok:
         raise ExpflowError(
             f"evaluation failed: {evaluated.reason} (log: {evaluated.run_dir / 'output.log'})"
         )
     create_table_artifact(
-        key=_artifact_key(cfg.experiment, "eval-metrics"),
+        key=_artifact_key(experiment, "eval-metrics"),
         table=[{"metric": k, "value": _cell(v)} for k, v in sorted(evaluated.metrics.items())],
         description=f"Evaluation metrics ({evaluated.run_dir})",
     )
@@ -510,7 +428,7 @@ def _stages(
     # --- Gates decide whether the submission happens; they fail closed.
     results = gates_mod.evaluate_gates(gate_list, evaluated.metrics)
     create_table_artifact(
-        key=_artifact_key(cfg.experiment, "gates"),
+        key=_artifact_key(settings.experiment, "gates"),
         table=[
             {
                 "gate": r.gate,
@@ -523,7 +441,7 @@ def _stages(
         description="Metric gates between evaluation and submission",
     )
     summary: dict[str, Any] = {
-        "experiment": cfg.experiment,
+        "experiment": settings.experiment,
         "run_dir": str(run_dir.path),
         "study": study["study"],
         "storage": study["storage"],
@@ -543,8 +461,8 @@ def _stages(
     }
     failed = [r for r in results if not r.passed]
     bundle: Path | None = None
-    if not failed and cfg.submit:
-        bundle = submit_bundle(cfg, evaluated, best_params, study, force)
+    if not failed and settings.submit.enabled:
+        bundle = submit_bundle(settings, evaluated, best_params, study, force)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
     llm = llm_calls.summarize([*study.get("trial_dirs", []), trained.run_dir, evaluated.run_dir])
@@ -559,7 +477,7 @@ def _stages(
         json.dumps(scrub(summary), indent=2, default=str) + "\n", encoding="utf-8"
     )
     create_markdown_artifact(
-        key=_artifact_key(cfg.experiment, "outputs"),
+        key=_artifact_key(settings.experiment, "outputs"),
         markdown=_outputs_markdown(summary),
         description="Where this pipeline run's outputs are",
     )
@@ -602,32 +520,32 @@ def submit_task(
 
 
 def submit_bundle(
-    cfg: PipelineConfig,
+    settings: PipelineSettings,
     evaluated: RunResult,
     best_params: dict[str, Any],
     study: dict[str, Any],
     force: bool,
 ) -> Path:
     """Bundle the predictions, metrics, params and a manifest into the submissions folder."""
-    predictions = evaluated.run_dir / cfg.predictions
+    predictions = evaluated.run_dir / settings.submit.predictions
     if not predictions.exists():
         raise ExpflowError(
-            f"evaluation wrote no {cfg.predictions} in {evaluated.run_dir}; nothing to submit"
+            f"evaluation wrote no {settings.submit.predictions} in {evaluated.run_dir}; nothing to submit"
         )
-    name = cfg.submission_name or f"{cfg.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = settings.submit.name or f"{settings.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = {
-        "experiment": cfg.experiment,
+        "experiment": settings.experiment,
         "study": study["study"],
         "best_trial": study["best_trial"],
         "flow_run_id": str(flow_run.get_id() or ""),
         "eval_run": str(evaluated.run_dir),
     }
-    dest = cfg.submit_to or str(submissions_dir())
+    dest = settings.submit.to or str(submissions_dir())
     return Path(
         submit_task(
             dest,
             name,
-            {cfg.predictions: str(predictions)},
+            {settings.submit.predictions: str(predictions)},
             evaluated.metrics,
             best_params,
             info,
@@ -636,11 +554,13 @@ def submit_bundle(
     )
 
 
-def _best_markdown(study: dict[str, Any], params: dict[str, Any], cfg: PipelineConfig) -> str:
+def _best_markdown(
+    study: dict[str, Any], params: dict[str, Any], settings: PipelineSettings
+) -> str:
     lines = [
         f"# Best trial {study['best_trial']} of study `{study['study']}`",
         "",
-        f"{cfg.objective} = **{study['best_value']:.6g}** ({cfg.direction}); "
+        f"{settings.objective} = **{study['best_value']:.6g}** ({settings.direction}); "
         f"{study['complete']} complete, {study['pruned']} pruned, {study['failed']} failed.",
         "",
         "| parameter | value |",

@@ -195,3 +195,22 @@ def conclude(
         report=str(report),
         trial_dirs=trial_dirs,
     )
+
+
+def fail_abandoned_trials(
+    study: Any, current_run: str, ended: Callable[[str], str | None]
+) -> dict[str, list[int]]:
+    """Fail trials left running by another run that has ended (killed, crashed).
+
+    ``ended(run_id)`` names the final state of that run, or None while it still runs
+    (or when it is not known). Returns the trials failed, by run.
+    """
+    failed: dict[str, list[int]] = {}
+    for run_id, numbers in hpo.running_trials_by_run(study).items():
+        if run_id == current_run:
+            continue
+        state = ended(run_id)
+        if state:
+            hpo.fail_abandoned(study, numbers, f"abandoned: flow run {run_id} ended {state}")
+            failed[run_id] = numbers
+    return failed

@@ -623,7 +623,11 @@ def start_deployment_run(
     ],
     parameters: Annotated[
         dict[str, Any] | None,
-        Field(description="Parameters overriding the deployment's, e.g. {'n_trials': 20}."),
+        Field(
+            description="Parameters overriding the deployment's; the pipeline's and the "
+            "sweep's take 'settings', e.g. {'settings': {'hpo': {'n_trials': 20}}} "
+            "(list_deployments shows each deployment's parameters)."
+        ),
     ] = None,
 ) -> StartedRun:
     """Start a run of a deployment (a pipeline, a sweep, an audit); returns its flow run id.

@@ -15,6 +15,7 @@ field. From it come:
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
@@ -32,6 +33,11 @@ class Settings(BaseModel):
     # Settings whose value may be given as a plain string, stored in this field
     # (``train: pkg.mod:fn`` means ``train: {target: pkg.mod:fn}``).
     shorthand: ClassVar[str | None] = None
+    # Mapping-valued settings an override replaces whole instead of merging key by key
+    # (a search space given over another is a new space, not a mix of both).
+    replaced: ClassVar[frozenset[str]] = frozenset()
+    # Settings of earlier releases and where they are now: named in the error.
+    renamed: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -56,17 +62,31 @@ class Overrides(BaseModel):
     def _accept(cls, data: Any) -> Any:
         if isinstance(data, Settings):  # a full settings object given from Python
             return data.model_dump(exclude_unset=True)
+        source = getattr(cls, "source", None)
+        if source is not None and isinstance(data, dict):
+            # A flow called with an earlier release's key (Python, a deployment run):
+            # Prefect's refusal then says where the setting went.
+            for key in data:
+                if key in source.renamed and key not in cls.model_fields:
+                    raise ValueError(f"{key!r} is not known; it is now {source.renamed[key]}")
         shorthand = getattr(cls, "source", None) and cls.source.shorthand
         if shorthand and isinstance(data, str):
             return {shorthand: data}
         return data
 
     def given(self) -> dict[str, Any]:
-        """The fields that were given, nested, without the ``None`` of the ones that were not."""
+        """The fields that were given, nested, without the ``None`` of the ones that were not.
+
+        An explicit null (``--set hpo.seed=null``) is given when the setting may be null:
+        it clears what the config file set.
+        """
         out: dict[str, Any] = {}
+        source = type(self).source.model_fields
         for name in type(self).model_fields:
             value = getattr(self, name)
             if value is None:
+                if name in self.model_fields_set and _accepts_none(source[name].annotation):
+                    out[name] = None
                 continue
             if isinstance(value, Overrides):
                 value = value.given()
@@ -79,6 +99,10 @@ class Overrides(BaseModel):
                 ]
             out[name] = value
         return out
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
 
 
 def _partial_annotation(annotation: Any) -> Any:
@@ -124,6 +148,7 @@ def error_line(exc: ValidationError, what: str) -> str:
     if kind == "missing":
         return f"{what} setting {loc!r} is missing"
     message = str(err["msg"]).removeprefix("Value error, ")
+    message = re.sub(r" or instance of \w+", "", message)
     message = message[:1].lower() + message[1:]
     if not loc:
         return f"{what} settings: {message}"
@@ -268,4 +293,6 @@ def resolve(
             default = model.model_fields[key].get_default(call_default_factory=True)
             if isinstance(default, BaseModel):
                 base[key] = default.model_dump()
-    return validate(model, deep_merge(base, given), what)
+    merged = deep_merge(base, {k: v for k, v in given.items() if k not in model.replaced})
+    merged.update({k: v for k, v in given.items() if k in model.replaced})
+    return validate(model, merged, what)

@@ -93,6 +93,9 @@ class SubmitSettings(Settings):
 class PipelineSettings(Settings):
     """Everything an HPO → train → eval → submit run needs."""
 
+    replaced = frozenset({"space"})
+    renamed = RENAMED
+
     experiment: Name = Field(
         "pde-advection", description="Experiment name: run folder, study and ledger name."
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from expflow_flows.settings.base import (
     Settings,
@@ -53,11 +53,12 @@ class ResourceSettings(Settings):
     )
     gpu: float | None = Field(None, ge=0, description="GPUs per combination (fractions allowed).")
 
-    @model_validator(mode="after")
-    def _memory(self) -> ResourceSettings:
-        if self.memory is not None:
-            parse_memory(self.memory)
-        return self
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_memory(value)
+        return value
 
     def dask(self) -> dict[str, float]:
         """As Dask worker resources (CPU, MEMORY in bytes, GPU)."""
@@ -73,6 +74,9 @@ class ResourceSettings(Settings):
 
 class SweepSettings(Settings):
     """Everything a sweep needs: a trainable (or a chain of steps) over a space."""
+
+    replaced = frozenset({"space"})
+    renamed = RENAMED
 
     name: Name = Field("sweep", description="Sweep name: its folder under the runs root.")
     trainable: TrainableSettings | None = Field(

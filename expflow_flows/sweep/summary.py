@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,25 @@ def summarize(
         "dashboard": str(dashboard),
         "status_page": str(sweep_dir / "status.html"),
     }
+
+
+def _digest(current: set[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(current)).encode()).hexdigest()
+
+
+def unchanged_summary(store: Any, current: set[str], sweep_dir: Path) -> dict[str, Any] | None:
+    """The last summary, when it was made for exactly this space and its files are all there
+    (a re-run with nothing to run then rewrites nothing); else None."""
+    outputs = [sweep_dir / n for n in ("status.html", "dashboard.html", "results.csv")]
+    if store.get_meta("reported") != _digest(current) or not all(p.exists() for p in outputs):
+        return None
+    return store.get_meta("summary")
+
+
+def remember(store: Any, current: set[str], summary: dict[str, Any]) -> None:
+    """Keep ``summary`` as the one reported for this space."""
+    store.set_meta("summary", summary)
+    store.set_meta("reported", _digest(current))
 
 
 def check_failures(settings: SweepSettings, summary: dict[str, Any]) -> None:
