@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from expflow_flows.settings.sweep import StepSettings
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -305,6 +307,29 @@ SLURM_ROWS: list[tuple[str, object, dict]] = [
     ]
 ]
 
+
+def _launch_rows(section: str, script: dict) -> list[tuple[str, object, dict]]:
+    """Every field of a trainable section that says how it starts and reports."""
+    return [
+        (
+            f"{section}.command",
+            ["apptainer", "exec", "pde.sif", "python", "t.py", "{args}"],
+            {section: {"target": None}},  # a command instead of the target
+        ),
+        (f"{section}.interpreter", ["conda", "run", "-n", "pde", "python"], script),
+        (f"{section}.args", ["+args=config_Adv.yaml"], script),
+        (f"{section}.env", {"OMP_NUM_THREADS": "4"}, script),
+        (f"{section}.cwd", "launch", {}),
+        (f"{section}.budget_params", {"epochs": "args.epochs"}, {}),
+        (f"{section}.metrics.patterns", [r"Epoch (?P<step>\d+) val=(?P<val>\S+)"], {}),
+        (f"{section}.metrics.files", ["results/*.csv"], {}),
+        (f"{section}.metrics.tensorboard", ["loss/val"], {}),
+        (f"{section}.metrics.reader", "team.metrics:read", {}),
+        (f"{section}.from_upstream", ["checkpoints/**"], script),
+        (f"{section}.upstream_mode", "copy", {}),
+    ]
+
+
 PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("experiment", "exp-table", {}),
     ("train.target", "pkg.train:fit", {}),
@@ -313,12 +338,14 @@ PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("train.budget.steps", 300, {}),
     ("train.budget.seconds", 30.5, {}),
     ("train.timeout", 99.0, {}),
+    *_launch_rows("train", {"train": {"target": "train.py"}}),
     ("evaluate.target", "pkg.evaluate:score", {}),
     ("evaluate.arg_style", "equals", {}),
     ("evaluate.budget.epochs", 3, {}),
     ("evaluate.budget.steps", 30, {}),
     ("evaluate.budget.seconds", 12.0, {}),
     ("evaluate.timeout", 45.0, {}),
+    *_launch_rows("evaluate", {"evaluate": {"target": "evaluate.py"}}),
     ("space", {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}, {}),
     ("params", {"problem": "burgers", "nu": 0.01}, {}),
     ("objective", "val_loss", {}),
@@ -341,6 +368,7 @@ PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("submit.to", "/data/submissions", {}),
     ("submit.name", "entry-7", {}),
     ("submit.predictions", "predictions.h5", {}),
+    ("submit.convert", "team.convert:to_pred_hdf5", {}),
     ("offpeak.windows", ["20:00-06:00"], {}),
     ("offpeak.timezone", "Europe/Berlin", {}),
     ("offpeak.weekends", False, {}),
@@ -373,25 +401,29 @@ SWEEP_ROWS: list[tuple[str, object, dict]] = [
     ("trainable.budget.steps", 70, {}),
     ("trainable.budget.seconds", 8.0, {}),
     ("trainable.timeout", 120.0, {}),
+    *_launch_rows("trainable", {"trainable": {"target": "train.py"}}),
     (
         "steps",
-        [
-            {
-                "name": "prep",
-                "target": "pkg.prep:run",
-                "version": "2",
-                "arg_style": "argparse",
-                "budget": {"epochs": 1, "steps": None, "seconds": None},
-                "timeout": 30.0,
-            },
-            {
-                "name": "fit",
-                "target": "pkg.fit:run",
-                "version": "",
-                "arg_style": "equals",
-                "budget": None,
-                "timeout": None,
-            },
+        [  # every field of a step, as the resolved settings show it
+            StepSettings.model_validate(step).model_dump(mode="json")
+            for step in (
+                {
+                    "name": "prep",
+                    "target": "prep.py",
+                    "version": "2",
+                    "budget": {"epochs": 1},
+                    "timeout": 30.0,
+                    "interpreter": ["/opt/venvs/pde/bin/python"],
+                    "metrics": {"files": ["prep.json"]},
+                },
+                {
+                    "name": "fit",
+                    "command": ["torchrun", "--nproc_per_node", "2", "fit.py", "{args}"],
+                    "arg_style": "hydra",
+                    "from_upstream": ["*.npz"],
+                    "budget_params": {"epochs": "trainer.max_epochs"},
+                },
+            )
         ],
         {"trainable": None},
     ),
@@ -467,6 +499,13 @@ def _leaves(model, prefix: str = "") -> list[str]:
     return out
 
 
+def _pruned(settings: dict) -> dict:
+    """``settings`` without the keys whose value is None (a context that removes a field)."""
+    return {
+        k: _pruned(v) if isinstance(v, dict) else v for k, v in settings.items() if v is not None
+    }
+
+
 def _with(settings: dict, path: str, value) -> dict:
     """A copy of ``settings`` with the field at ``path`` set to ``value``."""
     import copy
@@ -517,7 +556,7 @@ def test_every_setting_from_yaml_and_from_set(kind, tmp_path):
     )
     runner = CliRunner()
     for path, value, context in rows:
-        around = {k: v for k, v in deep_merge(base, context).items() if v is not None}
+        around = _pruned(deep_merge(base, context))
         config = tmp_path / f"{path}.yaml"
         config.write_text(yaml.safe_dump(_with(around, path, value)))
         resolved = load(config).to_dict()
@@ -548,7 +587,7 @@ def test_every_setting_as_a_deployment_parameter(deployed, kind):
     )
     dep = api(deployed, "GET", f"/deployments/name/{deployment_name}")
     for path, value, context in rows:
-        around = {k: v for k, v in deep_merge(base, context).items() if v is not None}
+        around = _pruned(deep_merge(base, context))
         settings = _with(around, path, value)
         run = api(
             deployed,

@@ -240,3 +240,42 @@ def verify_bundle(path: Path | str) -> list[str]:
         if rel != MANIFEST and rel not in listed:
             problems.append(f"{rel}: not listed in the manifest")
     return problems
+
+
+def find_predictions(run_dir: Path, pattern: str, convert: str | None = None) -> Path | None:
+    """The evaluation's predictions file: the one file matching ``pattern`` in ``run_dir``.
+
+    With ``convert`` (``package.module:function``, called as ``function(src, dest)``), the
+    found file is converted to ``pred.hdf5`` in ``run_dir`` first and that file is returned.
+    None when nothing matches; several matches are an error naming them.
+    """
+    import glob as globbing
+
+    found = sorted(globbing.glob(pattern, root_dir=run_dir, recursive=True))
+    found = [f for f in found if (run_dir / f).is_file()]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ExpflowError(
+            f"predictions {pattern!r} matches {len(found)} files in {run_dir} "
+            f"({', '.join(found[:3])}{', …' if len(found) > 3 else ''}); make it match one"
+        )
+    source = run_dir / found[0]
+    if not convert:
+        return source
+    from expflow_flows.runs.trainable import load_function
+
+    dest = run_dir / "pred.hdf5"
+    if dest == source:
+        return source
+    fn = load_function(convert, "predictions converter")
+    try:
+        fn(source, dest)
+    except Exception as exc:  # noqa: BLE001 - the user's converter failing is one line
+        raise ExpflowError(
+            f"predictions converter {convert!r} failed on {source.name}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if not dest.is_file():
+        raise ExpflowError(f"predictions converter {convert!r} wrote no {dest}")
+    return dest

@@ -25,7 +25,7 @@ def describe_pipeline(parameters: dict[str, Any]) -> tuple[str, str, dict[str, A
     from expflow_flows.settings.pipeline import load_pipeline_settings
 
     settings = load_pipeline_settings(parameters.get("config"), parameters.get("settings"))
-    return settings.experiment, settings.train.target, settings.to_dict()
+    return settings.experiment, settings.train.label, settings.to_dict()
 
 
 def describe_sweep(parameters: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:

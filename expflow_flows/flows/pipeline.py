@@ -42,7 +42,7 @@ from expflow_flows.runs import llm_calls
 from expflow_flows.runs import trainable as trainable_mod
 from expflow_flows.runs.metadata import capture_environment
 from expflow_flows.runs.rundir import RunDir, new_run_id
-from expflow_flows.runs.trainable import RunResult, Trainable, run_trainable
+from expflow_flows.runs.trainable import RunResult, run_trainable
 from expflow_flows.secrets import scrub
 from expflow_flows.settings.base import overrides_model
 from expflow_flows.settings.common import TrackingSettings
@@ -70,6 +70,7 @@ def run_trial(
     pruner: str,
     timeout: float | None = None,
     arg_style: str = "argparse",
+    launch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One HPO trial: run the trainable, reporting intermediate values to the pruner."""
     hook = hpo.report_hook(storage, study_name, trial_id, objective, pruner)
@@ -81,6 +82,7 @@ def run_trial(
         hook=hook,
         timeout=timeout,
         arg_style=arg_style,  # type: ignore[arg-type]
+        launch=launch,
     )
     value = result.metrics.get(objective)
     get_run_logger().info(
@@ -103,6 +105,7 @@ def run_stage(
     upstream: str | None = None,
     timeout: float | None = None,
     arg_style: str = "argparse",
+    launch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one pipeline stage (final training or evaluation) through the trainable contract."""
     result = run_trainable(
@@ -113,6 +116,7 @@ def run_stage(
         upstream=upstream,
         timeout=timeout,
         arg_style=arg_style,  # type: ignore[arg-type]
+        launch=launch,
     )
     get_run_logger().info("%s %s in %.1f s: %s", stage, result.status, result.wall_s, run_dir)
     return result.to_dict()
@@ -129,7 +133,7 @@ class _TaskTrials:
         return run_trial.submit(
             number=spec.number,
             trial_id=spec.trial_id,
-            trainable=s.train.target,
+            trainable=s.train.label,
             params=spec.params,
             run_dir=spec.run_dir,
             budget=s.hpo.budget.as_dict(),
@@ -139,6 +143,7 @@ class _TaskTrials:
             pruner=s.hpo.pruner,
             timeout=s.hpo.trial_timeout,
             arg_style=s.train.arg_style,
+            launch=s.train.launch(),
         )
 
     def next_finished(self, handles: list[Any]) -> Any:
@@ -250,9 +255,9 @@ def _trial_record(
         record = StepRecord(
             "trial", name, dict(spec.params), "failed", reason="the trial's worker was lost"
         )
-        record.script = _is_script(settings.train.target)
+        record.script = _is_script(settings.train.label)
     else:
-        record = _step_record("trial", name, spec.params, result, settings.train.target)
+        record = _step_record("trial", name, spec.params, result, settings.train.label)
         record.status = {"complete": result.status, "fail": "failed"}.get(outcome, outcome)
     record.number = spec.number
     return record
@@ -272,8 +277,8 @@ def _artifact_key(*parts: str) -> str:
 
 def preflight(settings: PipelineSettings, force: bool) -> list[Any]:
     """Check everything a user can get wrong before any trial runs; returns the gates."""
-    Trainable.parse(settings.train.target).check()
-    Trainable.parse(settings.evaluate.target).check()
+    settings.train.check()
+    settings.evaluate.check()
     check_tracking(settings.tracking.enabled())
     SearchSpace.load(settings.space)
     gates = gates_mod.parse_gates(settings.gates)
@@ -382,15 +387,16 @@ def _stages(
     trained = _result(
         run_stage(
             "train",
-            settings.train.target,
+            settings.train.label,
             best_params,
             str(experiment_dir / new_run_id("train")),
             settings.final_budget,
             timeout=settings.train.timeout,
             arg_style=settings.train.arg_style,
+            launch=settings.train.launch(),
         )
     )
-    tracking.record(_step_record("train", "train", best_params, trained, settings.train.target))
+    tracking.record(_step_record("train", "train", best_params, trained, settings.train.label))
     if not trained.ok:
         raise ExpflowError(
             f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
@@ -398,22 +404,28 @@ def _stages(
     evaluated = _result(
         run_stage(
             "evaluate",
-            settings.evaluate.target,
+            settings.evaluate.label,
             best_params,
             str(experiment_dir / new_run_id("eval")),
             settings.eval_budget,
             upstream=str(trained.run_dir),
             timeout=settings.evaluate.timeout,
             arg_style=settings.evaluate.arg_style,
+            launch=settings.evaluate.launch(),
         )
     )
-    predictions_name = settings.submit.predictions
     evaluation = _step_record(
-        "evaluate", "evaluate", best_params, evaluated, settings.evaluate.target
+        "evaluate", "evaluate", best_params, evaluated, settings.evaluate.label
     )
-    predictions = evaluated.run_dir / predictions_name
-    if predictions.is_file():
-        evaluation.artifacts[predictions_name] = predictions
+    predictions = (
+        submission.find_predictions(
+            evaluated.run_dir, settings.submit.predictions, settings.submit.convert
+        )
+        if evaluated.ok
+        else None
+    )
+    if predictions is not None:
+        evaluation.artifacts[predictions.name] = predictions
     tracking.record(evaluation)
     if not evaluated.ok:
         raise ExpflowError(
@@ -462,7 +474,7 @@ def _stages(
     failed = [r for r in results if not r.passed]
     bundle: Path | None = None
     if not failed and settings.submit.enabled:
-        bundle = submit_bundle(settings, evaluated, best_params, study, force)
+        bundle = submit_bundle(settings, evaluated, best_params, study, force, predictions)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
     llm = llm_calls.summarize([*study.get("trial_dirs", []), trained.run_dir, evaluated.run_dir])
@@ -525,12 +537,13 @@ def submit_bundle(
     best_params: dict[str, Any],
     study: dict[str, Any],
     force: bool,
+    predictions: Path | None,
 ) -> Path:
     """Bundle the predictions, metrics, params and a manifest into the submissions folder."""
-    predictions = evaluated.run_dir / settings.submit.predictions
-    if not predictions.exists():
+    if predictions is None:
         raise ExpflowError(
-            f"evaluation wrote no {settings.submit.predictions} in {evaluated.run_dir}; nothing to submit"
+            f"evaluation wrote no {settings.submit.predictions} in {evaluated.run_dir}; "
+            "nothing to submit (submit.predictions names the file, submit.convert a converter)"
         )
     name = settings.submit.name or f"{settings.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = {
@@ -545,7 +558,7 @@ def submit_bundle(
         submit_task(
             dest,
             name,
-            {settings.submit.predictions: str(predictions)},
+            {predictions.name: str(predictions)},
             evaluated.metrics,
             best_params,
             info,

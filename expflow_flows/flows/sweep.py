@@ -38,7 +38,6 @@ from expflow_flows.home import runs_root
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
 from expflow_flows.runs.metadata import capture_environment
-from expflow_flows.runs.trainable import Trainable
 from expflow_flows.secrets import scrub
 from expflow_flows.settings.base import overrides_model
 from expflow_flows.settings.sweep import SweepSettings, load_sweep_settings
@@ -102,7 +101,7 @@ def preflight(settings: SweepSettings) -> SweepSpace:
     the tracking tools; returns the space."""
     space = SweepSpace.load(settings.space)
     for step in settings.chain():
-        Trainable.parse(step.target).check()
+        step.check()
     check_tracking(settings.tracking.enabled())
     return space
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import io
 import json
@@ -31,8 +32,8 @@ import math
 import os
 import re
 import resource
+import shlex
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -44,6 +45,7 @@ from typing import Any, Literal
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.runs import llm_calls
+from expflow_flows.runs.launch import Launch
 from expflow_flows.runs.rundir import RunDir
 
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -58,6 +60,7 @@ ARG_STYLES = ("argparse", "equals", "hydra")
 
 # Called with (step, values); returns True when the run should stop (pruned).
 ReportHook = Callable[[int, dict[str, float]], bool]
+POLL_S = 1.0  # seconds between looks at a running script's result files
 
 
 class Pruned(Exception):
@@ -112,10 +115,11 @@ class Budget:
 
 @dataclass(frozen=True)
 class Trainable:
-    """A parsed trainable reference: a callable ``module:function`` or a script path."""
+    """A parsed trainable reference: a callable ``module:function``, a script path, or a
+    command (see :class:`~expflow_flows.runs.launch.Launch`)."""
 
     spec: str
-    kind: Literal["callable", "script"]
+    kind: Literal["callable", "script", "command"]
 
     @classmethod
     def parse(cls, spec: str) -> Trainable:
@@ -134,6 +138,8 @@ class Trainable:
         if self.kind == "callable":
             resolve_callable(self.spec)
             return
+        if self.kind == "command":
+            return
         path = Path(self.spec).expanduser()
         if not path.exists():
             raise ExpflowError(
@@ -142,6 +148,33 @@ class Trainable:
             )
         if path.is_dir():
             raise ExpflowError(f"trainable script {self.spec!r} is a directory, not a script")
+
+
+def load_function(spec: str, what: str = "function") -> Callable[..., Any]:
+    """A user's function by ``package.module:function`` or ``path/to/file.py:function``."""
+    path, sep, attr = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ExpflowError(f"{what} {spec!r}: file {path!r} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_expflow_user_{file.stem}", file)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's file failing to import is one line
+            raise ExpflowError(
+                f"{what} {spec!r}: {path} failed to import: {type(exc).__name__}: {exc}"
+            ) from None
+        fn = getattr(module, attr, None)
+        if fn is None or not callable(fn):
+            raise ExpflowError(f"{what} {spec!r}: {path} has no function {attr!r}")
+        return fn
+    if not CALLABLE_RE.match(spec):
+        raise ExpflowError(
+            f"{what} {spec!r}: expected 'package.module:function' or 'file.py:function'"
+        )
+    return resolve_callable(spec)
 
 
 def resolve_callable(spec: str) -> Callable[..., Any]:
@@ -316,14 +349,24 @@ def run_trainable(
     timeout: float | None = None,
     arg_style: ArgStyle = "argparse",
     extra_env: dict[str, str] | None = None,
+    launch: Launch | dict[str, Any] | None = None,
 ) -> RunResult:
     """Run ``trainable`` on ``params`` in ``run_dir`` and record everything there.
+
+    ``launch`` says how a script or command starts (interpreter, command line, working
+    directory, environment, upstream files, metric sources); with a ``command`` in it,
+    ``trainable`` is only its label.
 
     Never raises for a failing trainable: the failure is in the result and in the
     run directory's ``status`` file.
     """
-    spec = trainable if isinstance(trainable, Trainable) else Trainable.parse(trainable)
+    how = Launch.from_value(launch)
+    if how.command:
+        spec = Trainable(str(trainable) if trainable else shlex.join(how.command), "command")
+    else:
+        spec = trainable if isinstance(trainable, Trainable) else Trainable.parse(trainable)
     budget = Budget.from_value(budget)
+    params = how.with_budget(params, budget.as_dict())
     rd = RunDir.create(Path(run_dir))
     rd.write_params(params)
     started = time.time()
@@ -342,8 +385,8 @@ def run_trainable(
         # A callable shares its process: this is the process's high-water mark.
         meta["peak_rss_mb"] = round(_maxrss_mb(resource.getrusage(resource.RUSAGE_SELF)), 1)
     else:
-        result = _run_script(
-            spec, params, rd, budget, upstream, hook, timeout, arg_style, extra_env or {}
+        result = _run_process(
+            spec, params, rd, budget, upstream, hook, timeout, arg_style, extra_env or {}, how
         )
         meta.update(result.pop("meta", {}))
     status, reason, metrics, intermediate = (
@@ -474,23 +517,45 @@ def _takes_run(fn: Callable[..., Any]) -> bool:
     return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
 
 
-def script_command(path: Path, params: dict[str, Any], arg_style: ArgStyle) -> list[str]:
+def script_command(
+    path: Path,
+    params: dict[str, Any],
+    arg_style: ArgStyle,
+    launch: Launch | None = None,
+    run_dir: Path | None = None,
+    upstream: Path | str | None = None,
+) -> list[str]:
     """The command line a script trainable runs with; raises _RunFailure if it cannot run."""
+    launch = launch or Launch()
     if not path.exists():
         raise _RunFailure(f"script {str(path)!r} does not exist")
     if path.is_dir():
         raise _RunFailure(f"script {str(path)!r} is a directory")
-    args = format_args(params, arg_style)
-    if path.suffix == ".py":
-        return [sys.executable, str(path), *args]
-    if not os.access(path, os.X_OK):
+    if path.suffix != ".py" and not launch.interpreter and not os.access(path, os.X_OK):
         raise _RunFailure(
             f"script {str(path)!r} is not runnable: not a .py file and not executable (chmod +x)"
         )
-    return [str(path.resolve()), *args]
+    return launch.command_line(
+        path.resolve(), format_args(params, arg_style), run_dir or Path.cwd(), upstream
+    )
 
 
-def _run_script(
+def _absolute_words(words: list[str]) -> list[str]:
+    """Relative file names in a command, made absolute: it may start in another folder."""
+    out = []
+    for word in words:
+        candidate = Path(word).expanduser()
+        if (
+            not candidate.is_absolute()
+            and ("/" in word or candidate.suffix in (".py", ".sh", ".sif", ".yaml", ".yml"))
+            and candidate.exists()
+        ):
+            word = str(candidate.resolve())
+        out.append(word)
+    return out
+
+
+def _run_process(
     spec: Trainable,
     params: dict[str, Any],
     rd: RunDir,
@@ -500,7 +565,10 @@ def _run_script(
     timeout: float | None,
     arg_style: ArgStyle,
     extra_env: dict[str, str],
+    launch: Launch,
 ) -> dict[str, Any]:
+    from expflow_flows.runs import capture
+
     intermediate: list[dict[str, Any]] = []
     printed: dict[str, float] = {}
     metrics_file = rd.path / "metrics.json"
@@ -512,8 +580,10 @@ def _run_script(
         {
             "EXPFLOW_RUN_DIR": str(rd.path),
             "EXPFLOW_METRICS_FILE": str(metrics_file),
+            "EXPFLOW_LAUNCH_DIR": os.getcwd(),
             "PYTHONUNBUFFERED": "1",
             **budget.as_env(),
+            **launch.env,
             **extra_env,
         }
     )
@@ -521,14 +591,50 @@ def _run_script(
         env["EXPFLOW_UPSTREAM_RUN_DIR"] = str(upstream)
     meta: dict[str, Any] = {}
     try:
-        cmd = script_command(Path(spec.spec).expanduser(), params, arg_style)
-    except _RunFailure as exc:
+        sources = capture.MetricSources.from_dict(launch.metrics)
+        follower = capture.OutputFollower(sources.patterns)
+        if spec.kind == "command":
+            cmd = launch.command_line(None, format_args(params, arg_style), rd.path, upstream)
+        else:
+            cmd = script_command(
+                Path(spec.spec).expanduser(), params, arg_style, launch, rd.path, upstream
+            )
+        cmd = _absolute_words(cmd)
+        cwd = launch.working_dir(rd.path)
+        placed = launch.bring_upstream(upstream, rd.path)
+    except (_RunFailure, ExpflowError) as exc:
         rd.log_path.write_text(f"expflow: {exc}\n", encoding="utf-8")
         return {"status": "failed", "reason": str(exc), "metrics": {}, "intermediate": []}
     meta["command"] = cmd
+    meta["cwd"] = str(cwd or os.getcwd())
+    if placed:
+        meta["from_upstream"] = placed
+    # Result files are looked for in the run folder, then where the process ran.
+    workdir = cwd or Path.cwd()
+    roots = [rd.path] if workdir == rd.path else [rd.path, workdir]
     pruned_at: int | None = None
     timed_out = False
+    lock = threading.Lock()
+
+    def report(step: int, values: dict[str, float]) -> None:
+        nonlocal pruned_at
+        with lock:
+            intermediate.append({"step": step, **values})
+            if hook is not None and pruned_at is None and hook(step, values):
+                pruned_at = step
+                _terminate(proc)
+
+    def take(matches: list[tuple[int | None, dict[str, float]]]) -> None:
+        for step, values in matches:
+            if step is None:
+                printed.update(values)
+            else:
+                printed.update(values)  # the last per-step value is also the final one
+                report(step, values)
+
     with open(rd.log_path, "a", encoding="utf-8") as log:
+        if placed:
+            log.write(f"expflow: from the upstream run: {', '.join(placed)}\n")
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -536,12 +642,14 @@ def _run_script(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=cwd,
                 text=True,
+                errors="replace",
                 bufsize=1,
                 start_new_session=True,
             )
         except OSError as exc:
-            reason = f"script {spec.spec!r} could not start: {exc.strerror or exc}"
+            reason = f"{spec.kind} {spec.spec!r} could not start: {exc.strerror or exc}"
             log.write(f"expflow: {reason}\n")
             return {"status": "failed", "reason": reason, "metrics": {}, "intermediate": []}
         meta["child_pid"] = proc.pid
@@ -556,22 +664,29 @@ def _run_script(
             timer = threading.Timer(timeout, _expire)
             timer.daemon = True
             timer.start()
+        poller = None
+        if sources.files or sources.tensorboard:
+            poller = _Poller(capture.FilePoller(sources, roots), report)
+            poller.start()
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             _record_llm_line(line, rd, log)
             parsed = parse_metric_line(line)
-            if parsed is None:
+            if parsed is not None:
+                step, values = parsed
+                if step is None:
+                    printed.update(values)
+                else:
+                    report(step, values)
                 continue
-            step, values = parsed
-            if step is None:
-                printed.update(values)
-                continue
-            intermediate.append({"step": step, **values})
-            if hook is not None and pruned_at is None and hook(step, values):
-                pruned_at = step
-                _terminate(proc)
+            if sources.patterns:
+                take(follower.feed(line))
+        if sources.patterns:
+            take(follower.close())
         returncode, usage = _wait_with_usage(proc)
+        if poller is not None:
+            poller.stop()
         if usage is not None:
             meta["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 3)
             meta["peak_rss_mb"] = round(_maxrss_mb(usage), 1)
@@ -585,12 +700,13 @@ def _run_script(
         return _script_outcome(
             "failed", f"timed out after {timeout:g} s and was stopped", {}, intermediate, meta
         )
+    what = f"{'script' if spec.kind == 'script' else 'command'} {spec.spec!r}"
     if returncode != 0:
         tail = rd.log_tail(1)
         why = f"exited with code {returncode}"
         if returncode < 0:
             why = f"was killed by signal {-returncode}"
-        reason = f"script {spec.spec!r} {why}" + (f": {tail}" if tail else "")
+        reason = f"{what} {why}" + (f": {tail}" if tail else "")
         return _script_outcome("failed", reason, {}, intermediate, meta)
     metrics = dict(printed)
     try:
@@ -602,19 +718,52 @@ def _run_script(
                     f"metrics file {metrics_file.name} is not valid JSON ({exc.msg})"
                 ) from None
             metrics.update(_clean_metrics(from_file, "EXPFLOW_METRICS_FILE"))
+        if not sources.empty():
+            final, steps = capture.collect(sources, roots, rd.path)
+            metrics.update(final)
+            intermediate.extend(steps)
         metrics = _clean_metrics(metrics, "printed metrics")
-    except _RunFailure as exc:
+    except (_RunFailure, ExpflowError) as exc:
         return _script_outcome("failed", str(exc), {}, intermediate, meta)
     if not metrics:
+        looked = sources.describe() if not sources.empty() else ""
         return _script_outcome(
             "failed",
-            f"script {spec.spec!r} reported no metrics (write JSON to $EXPFLOW_METRICS_FILE "
-            "or print 'EXPFLOW_METRIC name=value')",
+            f"{what} reported no metrics"
+            + (f"; looked for {looked}" if looked else "")
+            + " (declare metrics: patterns, files, tensorboard or reader; or write JSON to "
+            "$EXPFLOW_METRICS_FILE, or print 'EXPFLOW_METRIC name=value')",
             {},
             intermediate,
             meta,
         )
+    intermediate.sort(key=lambda row: row["step"])
     return _script_outcome("ok", "", metrics, intermediate, meta)
+
+
+class _Poller:
+    """Polls a run's result files while it runs, so their per-step values reach the pruner."""
+
+    def __init__(self, poller: Any, report: Callable[[int, dict[str, float]], None]) -> None:
+        self.poller, self.report = poller, report
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="expflow-poll")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(POLL_S):
+            try:
+                for row in self.poller.poll():
+                    values = {k: v for k, v in row.items() if k != "step"}
+                    self.report(int(row["step"]), values)
+            except Exception:  # noqa: BLE001 - a half-written file is read next time
+                continue
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
 
 
 def _record_llm_line(line: str, rd: RunDir, log: Any) -> None:

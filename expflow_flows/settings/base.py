@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
@@ -38,6 +39,9 @@ class Settings(BaseModel):
     replaced: ClassVar[frozenset[str]] = frozenset()
     # Settings of earlier releases and where they are now: named in the error.
     renamed: ClassVar[dict[str, str]] = {}
+    # Fields that each say what to run (``target``, ``command``): given one, an override
+    # or a file's section replaces the others instead of merging with them.
+    identity: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +250,30 @@ def relative_to(base: Path, value: Any) -> Any:
     return str(candidate) if candidate.exists() else value
 
 
+def relative_function(base: Path, spec: str) -> str:
+    """``file.py:function`` with a file relative to the config file, made absolute."""
+    path, sep, attr = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        return f"{relative_to(base, path)}:{attr}"
+    return spec
+
+
+def relative_trainable(base: Path, section: dict[str, Any]) -> None:
+    """A trainable section's file names (target, command and interpreter words, reader)
+    made relative to the config file where they exist there."""
+    if isinstance(section.get("target"), str):
+        section["target"] = relative_to(base, section["target"])
+    for key in ("command", "interpreter"):
+        words = section.get(key)
+        if isinstance(words, str):
+            words = shlex.split(words)
+        if isinstance(words, list):
+            section[key] = [relative_to(base, w) if isinstance(w, str) else w for w in words]
+    metrics = section.get("metrics")
+    if isinstance(metrics, dict) and isinstance(metrics.get("reader"), str):
+        metrics["reader"] = relative_function(base, metrics["reader"])
+
+
 def read_settings_file(path: str | Path, what: str) -> tuple[dict[str, Any], Path]:
     """A YAML settings file as a mapping (empty means all defaults), and its folder."""
     p = Path(path).expanduser()
@@ -283,8 +311,8 @@ def resolve(
             if key in model.model_fields
             else None
         )
-        if isinstance(value, dict) and isinstance(default, Settings) and default.shorthand:
-            if default.shorthand not in value:
+        if isinstance(value, dict) and isinstance(default, Settings) and default.identity:
+            if not any(name in value for name in default.identity):
                 base[key] = deep_merge(default.model_dump(), value)
     for key, value in given.items():
         # An override of part of a section the file does not have changes the built-in
@@ -293,6 +321,12 @@ def resolve(
             default = model.model_fields[key].get_default(call_default_factory=True)
             if isinstance(default, BaseModel):
                 base[key] = default.model_dump()
+        # A new command over a file's target (or the other way round) replaces it.
+        section = base.get(key)
+        identity = getattr(_model_in(model.model_fields[key].annotation), "identity", ())
+        if isinstance(value, dict) and isinstance(section, dict) and identity:
+            if any(value.get(name) is not None for name in identity):
+                base[key] = {k: v for k, v in section.items() if k not in identity}
     merged = deep_merge(base, {k: v for k, v in given.items() if k not in model.replaced})
     merged.update({k: v for k, v in given.items() if k in model.replaced})
     return validate(model, merged, what)

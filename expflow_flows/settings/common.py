@@ -7,9 +7,10 @@ One vocabulary for both: ``cluster.kind`` / ``cluster.workers`` / ``cluster.addr
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from expflow_flows.settings.base import Settings
 
@@ -55,14 +56,116 @@ class BudgetSettings(Settings):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class MetricSourceSettings(Settings):
+    """Where a run's metrics come from when the code does not print ``EXPFLOW_METRIC`` lines
+    or write ``$EXPFLOW_METRICS_FILE``: its own output, its result files, its TensorBoard
+    scalars, or a reader function. Values with a step feed the pruner while it runs."""
+
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions on the output; named groups are metrics, a group "
+        "named 'step' marks a per-step value, e.g. 'Epoch (?P<step>\\d+).*val=(?P<val_loss>\\S+)'.",
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="Result files by glob in the run folder: JSON or YAML (a mapping, or a "
+        "list of per-step mappings) or CSV (every row a step, the last row final).",
+    )
+    tensorboard: list[str] = Field(
+        default_factory=list,
+        description="TensorBoard scalar tags read from event files in the run folder "
+        "(needs the 'tensorboard' extra).",
+    )
+    reader: str | None = Field(
+        None,
+        description="A function 'package.module:function' called with the run folder that "
+        "returns a mapping of metric names to numbers, for anything else.",
+    )
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"pattern {pattern!r} is not a regular expression ({exc})"
+                ) from None
+        return patterns
+
+    @field_validator("files")
+    @classmethod
+    def _no_pickles(cls, globs: list[str]) -> list[str]:
+        for glob in globs:
+            if glob.lower().endswith(PICKLED):
+                raise ValueError(
+                    f"{glob!r}: expflow does not unpickle files a run wrote (that runs code); "
+                    "read it in a reader function instead"
+                )
+        return globs
+
+
+PICKLED = (".pt", ".pth", ".pkl", ".pickle", ".npy", ".npz", ".joblib", ".ckpt")
+Words = Annotated[list[str], BeforeValidator(lambda v: shlex.split(v) if isinstance(v, str) else v)]
+
+
 class TrainableSettings(Settings):
-    """What to run: a callable ``package.module:function`` or a script path."""
+    """What to run, and how: a callable, a script, or any command in its own environment."""
 
     shorthand = "target"
-    target: str = Field(
-        ...,
+    identity = ("target", "command")
+    target: str | None = Field(
+        None,
         min_length=1,
-        description="A callable 'package.module:function' or a script path ('train.py').",
+        description="A callable 'package.module:function' or a script path ('train.py'); "
+        "or give command.",
+    )
+    command: Words | None = Field(
+        None,
+        min_length=1,
+        description="A command instead of a target, as a list or a string, e.g. "
+        "'apptainer exec pde.sif python train.py {args}'. Placeholders: {args} (the "
+        "parameters; appended when absent), {run_dir}, {upstream}.",
+    )
+    interpreter: Words | None = Field(
+        None,
+        min_length=1,
+        description="What a script target runs under instead of expflow's Python: a venv's "
+        "python, 'conda run -n pde python', 'torchrun --nproc_per_node 2', 'srun python'.",
+    )
+    args: list[str] = Field(
+        default_factory=list,
+        description="Fixed arguments before the parameters, e.g. Hydra's '+args=config_Adv.yaml'.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables of the run."
+    )
+    cwd: str = Field(
+        "run",
+        min_length=1,
+        description="Working directory of a script or command: 'run' (its run folder, so "
+        "parallel runs never collide), 'launch' (where expflow was started), or a path.",
+    )
+    budget_params: dict[str, str] = Field(
+        default_factory=dict,
+        description="Budget keys passed as the code's own parameters, e.g. "
+        "{epochs: epochs} or {epochs: args.epochs}; the budget is also in EXPFLOW_BUDGET_*.",
+    )
+    metrics: MetricSourceSettings = Field(
+        default_factory=MetricSourceSettings,
+        description="Where metrics come from besides EXPFLOW_METRIC lines and "
+        "$EXPFLOW_METRICS_FILE.",
+    )
+    from_upstream: list[str] = Field(
+        default_factory=list,
+        description="Files of the upstream run (the trained model for evaluate, the step "
+        "before in a chain), by glob, put into this run's folder before it starts, e.g. "
+        "'*.pt' or 'checkpoints/**'; 'outputs/*/model.ckpt -> .' puts them by name into "
+        "that folder of the run.",
+    )
+    upstream_mode: Literal["link", "copy"] = Field(
+        "link", description="Put upstream files in as symbolic links, or copy them."
     )
     arg_style: ArgStyle = Field(
         "argparse",
@@ -75,6 +178,66 @@ class TrainableSettings(Settings):
     timeout: PositiveSeconds | None = Field(
         None, description="Seconds after which a run is stopped and recorded failed."
     )
+
+    @model_validator(mode="after")
+    def _what_to_run(self) -> TrainableSettings:
+        if (self.target is None) == (self.command is None):
+            raise ValueError(
+                "give exactly one of target ('package.module:function' or a script) or command"
+            )
+        if (
+            self.target is not None
+            and not self.target.endswith(".py")
+            and _is_callable(self.target)
+        ):
+            inapplicable = [
+                name
+                for name in ("interpreter", "args", "env", "from_upstream")
+                if getattr(self, name)
+            ]
+            if inapplicable:
+                raise ValueError(
+                    f"{inapplicable[0]} applies to scripts and commands, not to the callable "
+                    f"{self.target!r}"
+                )
+        if self.interpreter is not None and self.command is not None:
+            raise ValueError("interpreter applies to a script target; put it in the command")
+        return self
+
+    @property
+    def label(self) -> str:
+        """What runs, in one line."""
+        return self.target or shlex.join(self.command or [])
+
+    def check(self) -> None:
+        """Fail early, with one line, when the target or the command's program is missing."""
+        from expflow_flows.runs.launch import Launch
+        from expflow_flows.runs.trainable import Trainable
+
+        if self.target is not None:
+            Trainable.parse(self.target).check()
+        Launch.from_value(self.launch()).check_command()
+
+    def launch(self) -> dict[str, Any]:
+        """How to run it, as plain data for :mod:`expflow_flows.runs.launch`."""
+        return self.model_dump(mode="json", include=LAUNCH_FIELDS)
+
+
+LAUNCH_FIELDS = {
+    "command",
+    "interpreter",
+    "args",
+    "env",
+    "cwd",
+    "budget_params",
+    "metrics",
+    "from_upstream",
+    "upstream_mode",
+}
+
+
+def _is_callable(target: str) -> bool:
+    return re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", target) is not None
 
 
 class SlurmSettings(Settings):

@@ -15,7 +15,9 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from expflow_flows.settings.base import (
     Settings,
     read_settings_file,
+    relative_function,
     relative_to,
+    relative_trainable,
     resolve,
 )
 from expflow_flows.settings.common import (
@@ -86,7 +88,15 @@ class SubmitSettings(Settings):
     )
     name: str | None = Field(None, description="Bundle name (default: experiment and time).")
     predictions: str = Field(
-        "pred.hdf5", min_length=1, description="The evaluation's file that is submitted."
+        "pred.hdf5",
+        min_length=1,
+        description="The evaluation's file that is submitted: a name or a glob in its run "
+        "folder that matches one file, e.g. 'outputs/*_pred.h5'.",
+    )
+    convert: str | None = Field(
+        None,
+        description="A function 'package.module:function(src, dest)' that converts the "
+        "predictions file into pred.hdf5 before it is submitted.",
     )
 
 
@@ -161,8 +171,11 @@ def read_pipeline_file(path: str | Path) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, str):
             data[key] = value = {"target": value}
-        if isinstance(value, dict) and isinstance(value.get("target"), str):
-            value["target"] = relative_to(base, value["target"])
+        if isinstance(value, dict):
+            relative_trainable(base, value)
+    submit = data.get("submit")
+    if isinstance(submit, dict) and isinstance(submit.get("convert"), str):
+        submit["convert"] = relative_function(base, submit["convert"])
     if isinstance(data.get("space"), str):
         data["space"] = relative_to(base, data["space"])
     return data

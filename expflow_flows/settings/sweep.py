@@ -11,6 +11,7 @@ from expflow_flows.settings.base import (
     Settings,
     read_settings_file,
     relative_to,
+    relative_trainable,
     resolve,
 )
 from expflow_flows.settings.common import (
@@ -157,7 +158,7 @@ class SweepSettings(Settings):
     @property
     def label(self) -> str:
         """What runs: the trainable, or the chain's trainables."""
-        return " -> ".join(s.target for s in self.chain())
+        return " -> ".join(s.label for s in self.chain())
 
 
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -166,17 +167,16 @@ def read_sweep_file(path: str | Path) -> dict[str, Any]:
     trainable = data.get("trainable")
     if isinstance(trainable, str):
         data["trainable"] = trainable = {"target": trainable}
-    if isinstance(trainable, dict) and isinstance(trainable.get("target"), str):
-        trainable["target"] = relative_to(base, trainable["target"])
+    if isinstance(trainable, dict):
+        relative_trainable(base, trainable)
     if isinstance(data.get("space"), str):
         data["space"] = relative_to(base, data["space"])
     if isinstance(data.get("inputs"), list):
         data["inputs"] = [relative_to(base, v) for v in data["inputs"]]
     if isinstance(data.get("steps"), list):
-        data["steps"] = [
-            {**s, "target": relative_to(base, s.get("target"))} if isinstance(s, dict) else s
-            for s in data["steps"]
-        ]
+        for step in data["steps"]:
+            if isinstance(step, dict):
+                relative_trainable(base, step)
     return {k: v for k, v in data.items() if v is not None}
 
 

@@ -30,6 +30,7 @@ class StepPlan:
     timeout: float | None = None
     cached: bool = False  # completed before with this key: reuse its folder
     arg_style: str | None = None  # None: the combination's
+    launch: dict[str, Any] | None = None  # how a script or command starts (runs.launch)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
             upstream=upstream,
             timeout=step.get("timeout"),
             arg_style=step.get("arg_style") or plan.get("arg_style", "argparse"),
+            launch=step.get("launch"),
         )
         rows.append(
             {

@@ -38,8 +38,27 @@ def file_checksum(path: str) -> str:
         raise ExpflowError(f"cannot read {path!r} to checksum it: {exc.strerror or exc}") from None
 
 
-def trainable_fingerprint(spec: str) -> str:
-    """What version of the code a trainable is: its script's or module's source hash."""
+def trainable_fingerprint(spec: str, launch: dict[str, Any] | None = None) -> str:
+    """What version of the code a trainable is: its script's or module's source hash, and
+    how it is launched (a command and the files it names, an interpreter, arguments,
+    environment) when that is not the default."""
+    from expflow_flows.runs.launch import Launch
+
+    how = Launch.from_value(launch)
+    if how == Launch():
+        return _code_fingerprint(spec)
+    words = list(how.command) + list(how.interpreter) + list(how.args)
+    files = {w: file_checksum(w) for w in words if Path(w).expanduser().is_file()}
+    payload = json.dumps(
+        {"launch": how.__dict__, "files": files},
+        sort_keys=True,
+        default=list,
+    )
+    code = "" if how.command else _code_fingerprint(spec)
+    return f"{code}|launch:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _code_fingerprint(spec: str) -> str:
     t = Trainable.parse(spec)
     if t.kind == "script":
         path = Path(spec).expanduser()

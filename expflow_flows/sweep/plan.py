@@ -33,7 +33,7 @@ def plan_combinations(
     """The combinations that still need running (as worker plans), the total count, and the
     keys of every step of every combination of this space (older results are history)."""
     steps = settings.chain()
-    fingerprints = {s.name: trainable_fingerprint(s.target) for s in steps}
+    fingerprints = {s.name: trainable_fingerprint(s.label, s.launch()) for s in steps}
     inputs = input_checksums(settings)
     pending: list[dict[str, Any]] = []
     current: set[str] = set()
@@ -52,13 +52,14 @@ def plan_combinations(
                 plans.append(
                     StepPlan(
                         name=step.name,
-                        trainable=step.target,
+                        trainable=step.label,
                         key=key,
                         run_dir=str(sweep_dir / "runs" / combo.id / f"{step.name}-{key[:10]}"),
                         budget=step.budget.as_dict() if step.budget else None,
                         timeout=step.timeout,
                         cached=cached,
                         arg_style=step.arg_style,
+                        launch=step.launch(),
                     )
                 )
             if rerun:
