@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import expflow_flows
 from expflow_flows.cli.app import app
 from expflow_flows.governance.ledger import Ledger
 
@@ -324,7 +325,9 @@ def test_system_status_and_version(home):
     assert by_part["Worker types"]["state"] == "ok"  # the entry point is installed
     assert "slurm" in by_part["Worker types"]["detail"]
     version = cli("version")
-    assert version.returncode == 0 and "expflow-flows 0.1.0" in version.stdout
+    assert (
+        version.returncode == 0 and f"expflow-flows {expflow_flows.__version__}" in version.stdout
+    )
 
 
 def test_deleting_ledger_entries_and_studies_is_guarded(home, tmp_path):

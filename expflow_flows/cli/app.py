@@ -31,6 +31,10 @@ from expflow_flows.cli.system import system_app
 from expflow_flows.errors import ExpflowError
 from expflow_flows.settings.base import set_dotted
 
+# Without a server, each command starts Prefect's temporary one, which creates and migrates its
+# database on the first start: on a fresh 2-core machine that outlasts Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
 
 class _OneLineErrors(TyperGroup):
     """The root command: a user's mistake (an ExpflowError) in any command is one line, exit 2."""

@@ -1,7 +1,12 @@
-"""PDEBench's evaluation metrics in numpy, following ``metric_func`` in ``pdebench/models/metrics.py``.
+"""PDEBench's evaluation metrics in numpy, as ``metric_func`` in ``pdebench/models/metrics.py`` computes them.
 
 Arrays use PDEBench's layout ``[batch, x..., t, channels]`` (1D: ``[b, x, t, c]``, 2D:
-``[b, x, y, t, c]``, 3D: ``[b, x, y, z, t, c]``). Per channel and time step:
+``[b, x, y, t, c]``, 3D: ``[b, x, y, z, t, c]``).
+
+:func:`compute_metrics` first drops the first ``initial_step`` time frames of both the
+prediction and the target: those frames are the given history of an autoregressive rollout,
+not predictions, and PDEBench scores only the frames after them. Then, per channel and
+remaining time step:
 
 * ``rmse``: RMS over space of the error, then the mean over the batch.
 * ``nrmse``: per sample, RMS error over space divided by the RMS of the target over space,
@@ -10,21 +15,21 @@ Arrays use PDEBench's layout ``[batch, x..., t, channels]`` (1D: ``[b, x, t, c]`
   divided by the number of grid points.
 * ``max_err``: largest absolute error over space and batch.
 * ``brmse`` (boundary): per sample, RMS of the error over the boundary points (1D: first and
-  last point; 2D: the four edges; 3D: the six faces), then the mean over the batch.
+  last point; 2D: the four edges; 3D: the six faces), then the mean over the batch. In 3D,
+  PDEBench sums the squared boundary errors of all channels before the square root, so a 3D
+  ``brmse`` is one value per time step, not one per channel; this module does the same.
 * ``fourier_low/mid/high``: ``sqrt(mean_batch(|FFT(pred - target)|^2)) / N * L`` per spatial
   wave number (1D: ``rfft``; 2D/3D: power summed into integer shells ``floor(|k|)`` over the
   non-negative quadrant/octant, as PDEBench does), then the mean over wave numbers
   ``[0, i_low)``, ``[i_low, i_high)`` and ``[i_high, ...)`` (PDEBench: ``iLow=4, iHigh=12``).
 
 Each returned number is then the mean over channels and time steps, which is what
-``metric_func(..., if_mean=True)`` returns. PDEBench's ``metrics()`` averages those numbers
-over loader batches; here the whole array is one batch. PDEBench's autoregressive rollout
-puts the ``initial_step`` ground-truth frames at the start of the prediction, so they count
-(with zero error) in the time mean; :func:`compute_metrics` does the same.
+``metric_func(..., if_mean=True)`` returns. PDEBench's ``metrics()`` loop adds up those
+numbers over data-loader batches; here the whole array is one batch.
 
-One deliberate difference: PDEBench's 3D boundary error sums the squared errors of all channels
-before the square root (and its final mean over ``[0, -1]`` fails on the resulting 1-D array);
-here the 3D boundary error is per channel, like 1D and 2D.
+Scores before version 0.2.0 kept the ``initial_step`` given frames (with zero error) in the time
+mean, which made rmse, nrmse and max_err smaller by the factor ``(nt - initial_step) / nt``
+(0.76 for a 41-frame rollout with ``initial_step=10``); they are not comparable with PDEBench's.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ def metric_arrays(
     i_low: int = 4,
     i_high: int = 12,
 ) -> dict[str, np.ndarray]:
-    """The metrics before averaging: each ``[channels, t]``; Fourier bands ``[channels, 3, t]``."""
+    """The metrics before averaging, on every frame given: each ``[channels, t]``; Fourier bands
+    ``[channels, 3, t]``; a 3D ``brmse`` is ``[1, t]`` (channels summed, as PDEBench does)."""
     pred = np.asarray(pred, dtype=np.float64)
     target = np.asarray(target, dtype=np.float64)
     _check(pred, target)
@@ -122,11 +128,13 @@ def metric_arrays(
         ) / (2 * nx + 2 * ny)
     else:
         nx, ny, nz = sizes
+        # channels are summed here as well (axis 1), leaving one value per sample and time
         edge = (
-            np.sum(err[:, :, 0] ** 2 + err[:, :, -1] ** 2, axis=(2, 3))
-            + np.sum(err[:, :, :, 0] ** 2 + err[:, :, :, -1] ** 2, axis=(2, 3))
-            + np.sum(err[:, :, :, :, 0] ** 2 + err[:, :, :, :, -1] ** 2, axis=(2, 3))
+            np.sum(err[:, :, 0] ** 2 + err[:, :, -1] ** 2, axis=(1, 2, 3))
+            + np.sum(err[:, :, :, 0] ** 2 + err[:, :, :, -1] ** 2, axis=(1, 2, 3))
+            + np.sum(err[:, :, :, :, 0] ** 2 + err[:, :, :, :, -1] ** 2, axis=(1, 2, 3))
         ) / (2 * nx * ny + 2 * ny * nz + 2 * nz * nx)
+        edge = edge[:, None, :]  # [b, 1, t]
     brmse = np.mean(np.sqrt(edge), axis=0)
 
     lengths = (Lx, Ly, Lz)[:ndim_space]
@@ -167,34 +175,43 @@ def compute_metrics(
     pred: np.ndarray,
     target: np.ndarray,
     *,
-    initial_step: int = 0,
+    initial_step: int,
     Lx: float = 1.0,
     Ly: float = 1.0,
     Lz: float = 1.0,
     i_low: int = 4,
     i_high: int = 12,
 ) -> dict[str, float]:
-    """PDEBench's 8 metrics as floats: each a mean over channels and time, as ``metric_func`` gives.
+    """PDEBench's 8 metrics as floats, each the mean over channels and scored time steps.
 
-    ``pred`` is either the full rollout (same shape as ``target``, the ``initial_step`` given
-    frames included) or only the predicted frames (``initial_step`` fewer time steps), in which
-    case the target's first ``initial_step`` frames are put in front, as PDEBench's rollout does.
+    The first ``initial_step`` frames (the rollout's given history) are not scored, as in
+    ``metric_func``. ``pred`` is either the full rollout (the same shape as ``target``, the
+    given frames included) or only the predicted frames (``initial_step`` fewer time steps).
+    ``initial_step=0`` scores every frame.
     """
     pred = np.asarray(pred)
     target = np.asarray(target)
     if target.ndim not in LAYOUTS:
         _check(pred, target)
-    if initial_step < 0:
-        raise ExpflowError(f"initial_step={initial_step!r} must be >= 0")
+    if isinstance(initial_step, bool) or not isinstance(initial_step, (int, np.integer)):
+        raise ExpflowError(f"initial_step={initial_step!r} is not valid; expected an integer >= 0")
     t_axis = target.ndim - 2
-    if (
-        pred.ndim == target.ndim
-        and initial_step
-        and pred.shape[t_axis] == target.shape[t_axis] - initial_step
-    ):
-        head = np.take(target, np.arange(initial_step), axis=t_axis)
-        pred = np.concatenate([head.astype(pred.dtype), pred], axis=t_axis)
-    arrays = metric_arrays(pred, target, Lx=Lx, Ly=Ly, Lz=Lz, i_low=i_low, i_high=i_high)
+    nt = target.shape[t_axis]
+    if not 0 <= initial_step < nt:
+        raise ExpflowError(
+            f"initial_step={initial_step!r} is out of range for {nt} time frames; "
+            f"expected 0 <= initial_step <= {nt - 1}"
+        )
+    scored = slice(initial_step, None)
+    target_scored = target[(Ellipsis, scored, slice(None))]
+    if pred.ndim == target.ndim and pred.shape[t_axis] == nt - initial_step and initial_step:
+        pred_scored = pred  # only the predicted frames were given
+    else:
+        _check(pred, target)
+        pred_scored = pred[(Ellipsis, scored, slice(None))]
+    arrays = metric_arrays(
+        pred_scored, target_scored, Lx=Lx, Ly=Ly, Lz=Lz, i_low=i_low, i_high=i_high
+    )
     out = {k: float(np.mean(arrays[k])) for k in ("rmse", "nrmse", "crmse", "max_err", "brmse")}
     bands = np.mean(arrays["fourier"], axis=(0, 2))
     out["fourier_low"], out["fourier_mid"], out["fourier_high"] = (float(b) for b in bands)

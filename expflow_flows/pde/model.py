@@ -279,11 +279,12 @@ class _Windows:
 
 
 def rollout_nrmse(model: SpectralOperator1D, u: np.ndarray) -> tuple[float, float]:
-    """(nRMSE, RMSE) of a full autoregressive rollout on ``u`` [N, nx, nt], PDEBench-averaged."""
+    """(nRMSE, RMSE) of a full autoregressive rollout on ``u`` [N, nx, nt], scored as PDEBench
+    scores it: the ``initial_step`` given frames are not counted."""
     from expflow_flows.pde.metrics import compute_metrics
 
     pred = model.rollout(u)
-    m = compute_metrics(pred[..., None], u[..., None])
+    m = compute_metrics(pred[..., None], u[..., None], initial_step=model.config.initial_step)
     return m["nrmse"], m["rmse"]
 
 
