@@ -76,7 +76,7 @@ def test_an_argparse_script_with_progress_bars(prefect_harness, home):
     assert sweep["best"][0]["metric:val_loss"] > 0
 
 
-def test_a_silent_script_that_writes_csv_and_a_pickle_into_its_cwd(prefect_harness, home):
+def test_a_silent_script_that_writes_csv_and_a_pickle_into_its_cwd(prefect_harness, home, tmp_path):
     summary = run_pipeline("silent_csv")
     assert summary["trials"]["complete"] == 3
     for trial in trial_dirs(home, "foreign-silent"):
@@ -84,9 +84,28 @@ def test_a_silent_script_that_writes_csv_and_a_pickle_into_its_cwd(prefect_harne
         steps = json.loads((trial / "intermediate.json").read_text())
         assert [row["step"] for row in steps] == [0, 1]  # the CSV's rows, epochs budget 2
     assert not (Path.cwd() / "history.csv").exists()  # nothing landed where expflow runs
-    sweep = run_sweep("silent_csv")
+    sweep = run_sweep("silent_csv")  # the same script, given as a command line
     best = sweep["best"][0]
     assert sweep["counts"] == {"ok": 3} and best["param:lr"] == 0.03
+    # A package of the command sweep holds the script and how it was started, not the token,
+    # and re-runs every combination to the same metrics.
+    from expflow_flows.bundles.package import package_sweep, reproduce, unpack_package
+
+    archive = package_sweep(home / "runs" / "foreign-silent-sweep", tmp_path / "packages")
+    unpacked = unpack_package(archive, tmp_path / "unpacked")
+    runs = json.loads((unpacked / "runs.json").read_text())["runs"]
+    assert {r["launch"]["command"][0] for r in runs} == {"python3"}
+    assert all(r["redacted_params"] == ["env SERVICE_TOKEN"] for r in runs)
+    script = FOREIGN / "silent_csv" / "train.py"
+    sources = json.loads((unpacked / "manifest.json").read_text())["code"]["sources"]
+    archived = unpacked / sources[str(script)]["archived"]
+    assert archived.read_text() == script.read_text()
+    token = "tok-" + "2b7f0c9e1d"  # as in sweep.yaml, not spelled out (this file may be in a diff)
+    for path in unpacked.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    report = reproduce(archive, workdir=tmp_path / "again")
+    assert [r.status for r in report.runs] == ["matched"] * 3, report.summary()
 
 
 def test_a_script_that_only_logs_tensorboard_scalars(prefect_harness, home):

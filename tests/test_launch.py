@@ -175,3 +175,21 @@ def test_the_working_directory_can_be_the_launch_folder(scripts, tmp_path, monke
     assert result.status == "ok", result.reason
     assert (tmp_path / "model.ckpt").exists()
     assert f"cwd {os.getcwd()}" in (tmp_path / "run" / "output.log").read_text()
+
+
+def test_steps_a_running_script_wrote_are_recorded_once(tmp_path):
+    # The rows are read while the script runs (for the pruner) and again when it ends;
+    # each epoch is one row of the run's history either way.
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import time\n"
+        "with open('history.csv', 'w') as f:\n"
+        "    f.write('epoch,val_loss\\n0,0.5\\n1,0.25\\n')\n"
+        "time.sleep(2.5)\n"
+    )
+    launch = {"metrics": {"files": ["history.csv"]}}
+    result = run_trainable(str(script), {}, tmp_path / "run", launch=launch)
+    assert result.ok, result.reason
+    assert [row["step"] for row in result.intermediate] == [0, 1]
+    history = json.loads((tmp_path / "run" / "intermediate.json").read_text())
+    assert [row["val_loss"] for row in history] == [0.5, 0.25]

@@ -51,6 +51,7 @@ SECRETS = {
     "dotenv url password": "dotenvpass42",
     "environment": "tok-env-0xDEADBEEF",
     "param api_key": "sk-param-5150",
+    "text flow mapping": "tok-flow-31337",
 }
 
 
@@ -78,6 +79,7 @@ def sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         "LEARNING_RATE=0.1\n"
         f"EXPFLOW_PIN={SECRETS['text pin']}\n"
         f"CLEARML_API_SECRET_KEY={SECRETS['text clearml']}\n"
+        f"env: {{SERVICE_TOKEN: {SECRETS['text flow mapping']}, LEVEL: 2}}\n"
     )
     (cfg / ".env").write_text(
         f"OPENAI_API_KEY={SECRETS['dotenv']}\n"

@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -63,6 +64,7 @@ from expflow_flows.bundles.manifest import (
     hash_stream,
 )
 from expflow_flows.errors import ExpflowError
+from expflow_flows.runs.launch import Launch
 from expflow_flows.runs.metadata import (
     capture_environment,
     git_snapshot,
@@ -146,6 +148,10 @@ class RunSpec:
     trainable: str
     budget: dict[str, Any] | None = None
     arg_style: str = "argparse"
+    # How a script or command starts (runs.launch): a command, an interpreter, fixed
+    # arguments, metric sources; None for the default launch. With a command in it,
+    # ``trainable`` is only the command's label.
+    launch: dict[str, Any] | None = None
 
 
 @dataclass
@@ -265,7 +271,8 @@ _LINE_RE = re.compile(
 # name=value or name: value anywhere in a line (log lines, command echoes).
 _INLINE_RE = re.compile(
     r"(?<![\w.])(?P<name>[A-Za-z_][\w.\-]*)(?P<q>[\"']?)(?P<mid>[ \t]*[=:][ \t]*)"
-    rf"(?P<val>{_Q}|[^\s,;&\"'<>)\]}}]+)"
+    # a value never starts with { or [: in 'env: {TOKEN: x}' the pair inside is what counts
+    rf"(?P<val>{_Q}|(?![{{\[])[^\s,;&\"'<>)\]}}]+)"
 )
 # --name value (command lines).
 _FLAG_RE = re.compile(
@@ -714,9 +721,14 @@ def create_package(
     code_dir: Path | str | None = None,
     extra: dict[str, Any] | None = None,
     kind: Literal["sweep", "experiment"] = "sweep",
+    launches: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write the reproducibility package ``<out>/<name>.tar.gz`` (or ``out`` itself when it
-    ends in ``.tar.gz``/``.tgz``); refuses an existing archive and returns its path."""
+    ends in ``.tar.gz``/``.tgz``); refuses an existing archive and returns its path.
+
+    ``launches`` maps a listed trainable to how it starts (a command's label to its command);
+    each run carries its own. The files a command or interpreter names (``train.py``, a
+    Hydra config) and a metric reader's file are snapshotted into ``code/`` with the rest."""
     name = _check_name(name)
     if kind not in KINDS:
         raise ExpflowError(f"package kind {kind!r} is not known; expected one of {KINDS}")
@@ -734,10 +746,14 @@ def create_package(
         raise ExpflowError("trainable is empty; expected a trainable spec or a list of them")
     runs = list(runs)
     _check_runs(runs)
+    how: dict[str, dict[str, Any]] = dict(launches or {})
+    for r in runs:
+        if r.launch:
+            how.setdefault(r.trainable, r.launch)
     # Every run's trainable is snapshotted, listed or not.
     ordered: list[Trainable] = []
     for spec in [*specs, *(r.trainable for r in runs)]:
-        t = Trainable.parse(spec)
+        t = _trainable(spec, how.get(spec))
         if t.spec not in {o.spec for o in ordered}:
             ordered.append(t)
 
@@ -756,6 +772,12 @@ def create_package(
     results, results_excl = _collect(result_files or [], "results")
     data, data_excl = _collect(data_files or [], "data")
     sources = _code_sources(ordered)
+    named = {str(x.path) for x in sources if x.path is not None}
+    for t in ordered:
+        for path in _launch_files(how.get(t.spec)):
+            if str(path) not in named:
+                named.add(str(path))
+                sources.append(_Source(str(path), "file", path))
     where = Path(code_dir).expanduser() if code_dir is not None else _first_source_dir(sources)
     git = _git_snapshot(where) if where is not None else None
 
@@ -832,12 +854,75 @@ def _write_data(w: _Writer, data: list[tuple[str, Path]], limit: int) -> list[di
     return entries
 
 
+def _trainable(spec: str, launch: dict[str, Any] | None) -> Trainable:
+    """A listed trainable: a command's label when its launch has a command, else parsed."""
+    if launch and launch.get("command"):
+        if not isinstance(spec, str) or not spec.strip():
+            raise ExpflowError(f"trainable {spec!r} is empty; expected the command's label")
+        return Trainable(spec.strip(), "command")
+    return Trainable.parse(spec)
+
+
+def launch_of(section: dict[str, Any]) -> dict[str, Any] | None:
+    """How a recorded trainable section (a settings dump) starts; None for the default."""
+    data = {k: section[k] for k in Launch.__dataclass_fields__ if section.get(k) is not None}
+    try:
+        if Launch.from_value(data) == Launch():
+            return None
+    except (ExpflowError, TypeError):
+        pass
+    return data
+
+
+def label_of(section: dict[str, Any]) -> str:
+    """A recorded trainable section's target, or its command in one line."""
+    if section.get("target"):
+        return str(section["target"])
+    command = section.get("command")
+    if isinstance(command, str) and command.strip():
+        return command.strip()
+    if isinstance(command, list) and command:
+        return shlex.join(str(w) for w in command)
+    raise ExpflowError("the recorded settings name no trainable (neither target nor command)")
+
+
+def _launch_files(launch: dict[str, Any] | None) -> list[Path]:
+    """Files a launch names that are code or config: words of its command, interpreter and
+    fixed arguments that are existing files (not programs such as a venv's python), and a
+    metric reader's ``file.py``."""
+    if not launch:
+        return []
+    try:
+        how = Launch.from_value(launch)
+    except (ExpflowError, TypeError):
+        return []
+    out: list[Path] = []
+    for word in (*how.command, *how.interpreter, *how.args):
+        path = Path(word).expanduser()
+        if not path.is_absolute() or not path.is_file():
+            continue
+        if os.access(path, os.X_OK) and path.suffix not in (".py", ".sh"):
+            continue  # a program (python, torchrun): part of the environment, not the code
+        out.append(path)
+    reader = how.metrics.get("reader")
+    if isinstance(reader, str) and ".py:" in reader:
+        path = Path(reader.rpartition(":")[0]).expanduser()
+        if path.is_absolute() and path.is_file():
+            out.append(path)
+    return out
+
+
 def _run_record(run: RunSpec) -> dict[str, Any]:
     params = scrub_strict(dict(run.params))
     redacted = sorted(k for k in run.params if params.get(k) != run.params.get(k))
+    launch = scrub_strict(dict(run.launch)) if run.launch else None
+    # a secret in the launch's environment was masked here or already where it was recorded
+    env = (launch or {}).get("env") or {}
+    redacted += sorted(f"env {k}" for k, v in env.items() if isinstance(v, str) and _is_masked(v))
     return {
         "run_id": run.run_id,
-        "trainable": Trainable.parse(run.trainable).spec,
+        "trainable": _trainable(run.trainable, run.launch).spec,
+        "launch": launch,
         "params": params,
         "redacted_params": redacted,
         # Metrics are validated numbers, and names like "token_acc" must survive for the
@@ -859,6 +944,8 @@ class _Source:
 def _code_sources(trainables: list[Trainable]) -> list[_Source]:
     out = []
     for t in trainables:
+        if t.kind == "command":
+            continue  # its files come from its launch (_launch_files)
         if t.kind == "script":
             path = Path(t.spec).expanduser()
             if not path.is_file():
@@ -1333,19 +1420,55 @@ def _on_sys_path(folder: Path | None) -> Iterator[None]:
             sys.path.remove(str(folder))
 
 
+def _source_entry(spec: str, code: dict[str, Any]) -> dict[str, Any]:
+    entry = code.get("sources", {}).get(spec) if isinstance(code, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
+def _original(spec: str, code: dict[str, Any]) -> str | None:
+    original = _source_entry(spec, code).get("original")
+    return original if isinstance(original, str) else None
+
+
+def _archived_copy(spec: str, root: Path, code: dict[str, Any]) -> Path | None:
+    archived = _source_entry(spec, code).get("archived")
+    return root / archived if isinstance(archived, str) and _safe_rel(archived) else None
+
+
+def _resolve_launch(launch: dict[str, Any], root: Path, code: dict[str, Any]) -> dict[str, Any]:
+    """``launch`` with each file it names that no longer exists replaced by its packaged copy."""
+
+    def word(w: Any) -> Any:
+        if not isinstance(w, str) or Path(w).expanduser().exists():
+            return w
+        copy = _archived_copy(w, root, code)
+        return str(copy) if copy is not None and copy.is_file() else w
+
+    out = dict(launch)
+    for key in ("command", "interpreter", "args"):
+        words = out.get(key)
+        if isinstance(words, str):
+            words = shlex.split(words)
+        if isinstance(words, list):
+            out[key] = [word(w) for w in words]
+    metrics = out.get("metrics")
+    if isinstance(metrics, dict) and isinstance(metrics.get("reader"), str):
+        file, colon, attr = metrics["reader"].rpartition(":")
+        if colon and file.endswith(".py"):
+            out["metrics"] = {**metrics, "reader": f"{word(file)}:{attr}"}
+    return out
+
+
 def _resolve_trainable(spec: str, root: Path, code: dict[str, Any]) -> tuple[str, Path | None]:
     """The trainable to run, and a folder to put on sys.path for it (or None).
 
     The original script is used when it still exists, else the packaged copy; a
     callable whose module cannot be imported here is imported from ``code/``.
     """
-    entry = code.get("sources", {}).get(spec) if isinstance(code, dict) else None
-    entry = entry if isinstance(entry, dict) else {}
-    archived = entry.get("archived")
-    copy = root / archived if isinstance(archived, str) and _safe_rel(archived) else None
+    copy = _archived_copy(spec, root, code)
     if Trainable.parse(spec).kind == "script":
-        original = entry.get("original")
-        if isinstance(original, str) and Path(original).is_file():
+        original = _original(spec, code)
+        if original is not None and Path(original).is_file():
             return original, None
         if copy is not None and copy.is_file():
             return str(copy), None
@@ -1431,7 +1554,15 @@ def _rerun(
         else ""
     )
     try:
-        spec, extra_path = _resolve_trainable(run["trainable"], root, code)
+        launch = run.get("launch")
+        if launch is not None and not isinstance(launch, dict):
+            raise ExpflowError(f"its launch {launch!r} is not a mapping")
+        if launch and launch.get("command"):
+            spec, extra_path = run["trainable"], None
+        else:
+            spec, extra_path = _resolve_trainable(run["trainable"], root, code)
+        if launch:
+            launch = _resolve_launch(launch, root, code)
         arg_style = run.get("arg_style") or "argparse"
         if arg_style not in ARG_STYLES:
             raise ExpflowError(f"arg style {arg_style!r} is not known")
@@ -1443,6 +1574,7 @@ def _rerun(
                 budget=run.get("budget") or None,
                 timeout=timeout,
                 arg_style=arg_style,
+                launch=launch or None,
             )
     except ExpflowError as exc:
         return RunOutcome(run_id, "failed", reason=f"{exc}{note}", trainable=run["trainable"])
@@ -1517,9 +1649,10 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
                 for k, v in row.items()
                 if k.startswith("metric:") and v is not None
             },
-            trainable=first["target"],
+            trainable=label_of(first),
             budget=first.get("budget"),
             arg_style=first.get("arg_style") or "argparse",
+            launch=launch_of(first),
         )
         for row in results.rows
         if row["status"] in ("ok", "warning")
@@ -1532,7 +1665,8 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
     return create_package(
         out,
         name=f"{sweep_dir.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
-        trainable=[s["target"] for s in steps],
+        trainable=[label_of(s) for s in steps],
+        launches={label_of(s): la for s in steps if (la := launch_of(s))},
         runs=runs,
         config_files=config_files,
         result_files=[p for p in (results_csv, sweep_dir / "results.parquet") if p.exists()],
@@ -1544,11 +1678,11 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
 
 
 def _sweep_steps(cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """A sweep's steps from its recorded settings: each with name, target, budget, arg_style."""
+    """A sweep's steps from its recorded settings: each a trainable section with a name."""
     if cfg.get("steps"):
         return [dict(s) for s in cfg["steps"]]
     trainable = cfg.get("trainable")
-    if not isinstance(trainable, dict) or not trainable.get("target"):
+    if not isinstance(trainable, dict) or not (trainable.get("target") or trainable.get("command")):
         raise ExpflowError("the sweep's metadata.json names no trainable; is it a sweep folder?")
     return [{"name": "run", **trainable}]
 
@@ -1571,7 +1705,15 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
     train_run = Path(summary.get("train_run", "")) if summary.get("train_run") else None
     train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
     evaluate = settings.get("evaluate")
-    evaluate = evaluate.get("target") if isinstance(evaluate, dict) else evaluate
+    launches = {}
+    if train and (train.get("target") or train.get("command")) and (la := launch_of(train)):
+        launches[label_of(train)] = la
+    if isinstance(evaluate, dict):
+        if (evaluate.get("target") or evaluate.get("command")) and (la := launch_of(evaluate)):
+            launches[label_of(evaluate)] = la
+        evaluate = (
+            label_of(evaluate) if (evaluate.get("target") or evaluate.get("command")) else None
+        )
     runs = []
     if train_run and (train_run / "params.json").exists():
         runs.append(
@@ -1582,6 +1724,7 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
                 trainable=row.trainable,
                 budget=train.get("budget"),
                 arg_style=train.get("arg_style") or "argparse",
+                launch=launches.get(row.trainable),
             )
         )
     files = [
@@ -1604,4 +1747,5 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
         include_data_up_to_mb=include_data_up_to_mb,
         extra={"experiment": row.id, "state": row.state},
         kind="experiment",
+        launches=launches,
     )

@@ -287,11 +287,16 @@ class FilePoller:
                 pass
         new = []
         for row in steps:
-            key = (int(row["step"]), tuple(sorted((k, v) for k, v in row.items() if k != "step")))
+            key = row_key(row)
             if key not in self.seen:
                 self.seen.add(key)
                 new.append(row)
         return new
+
+
+def row_key(row: dict[str, Any]) -> tuple[int, tuple[tuple[str, Any], ...]]:
+    """What makes two intermediate rows the same row: the step and every value."""
+    return (int(row["step"]), tuple(sorted((k, v) for k, v in row.items() if k != "step")))
 
 
 def collect(

@@ -721,7 +721,9 @@ def _run_process(
         if not sources.empty():
             final, steps = capture.collect(sources, roots, rd.path)
             metrics.update(final)
-            intermediate.extend(steps)
+            # the rows the poller already reported while the run went are not added twice
+            seen = {capture.row_key(row) for row in intermediate}
+            intermediate.extend(row for row in steps if capture.row_key(row) not in seen)
         metrics = _clean_metrics(metrics, "printed metrics")
     except (_RunFailure, ExpflowError) as exc:
         return _script_outcome("failed", str(exc), {}, intermediate, meta)
