@@ -1549,7 +1549,7 @@ def _rerun(
     run_id = run["run_id"]
     redacted = run.get("redacted_params") or []
     note = (
-        f" (params {', '.join(map(str, redacted))} were masked as secrets when packaged)"
+        f" ({', '.join(map(str, redacted))} were masked as secrets when packaged)"
         if redacted
         else ""
     )
