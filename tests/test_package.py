@@ -55,6 +55,12 @@ SECRETS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_team_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a developer's own package key set, every package here would also be signed.
+    monkeypatch.delenv("EXPFLOW_PACKAGE_KEY", raising=False)
+
+
 @pytest.fixture
 def sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """A fake sweep: a script trainable, five runs, a config folder with planted secrets."""

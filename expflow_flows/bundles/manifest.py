@@ -3,11 +3,14 @@
 A manifest entry is ``{"sha256": <hex>, "size": <bytes>}``. Submission bundles and
 reproducibility packages list one per file under ``files`` in their ``manifest.json``;
 sweep identities hash their code and input files with the same :func:`hash_file`.
+A package's ``manifest.sig`` is the HMAC-SHA256 of its ``manifest.json`` bytes under a
+team key (:func:`sign_bytes`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -80,3 +83,26 @@ def entry_problem(rel: str, expected: object, found: tuple[str, int]) -> str | N
             f"manifest says {str(listed.get('sha256'))[:12]}...)"
         )
     return None
+
+
+def read_bounded(fh: IO[bytes], limit: int) -> bytes | None:
+    """At most ``limit`` bytes of ``fh`` from where it stands; None when there are more.
+
+    Reads ``limit + 1`` bytes at most, whatever a header or ``stat`` said, so a file that
+    grew (or lied about its size) costs no more memory than the limit."""
+    raw = fh.read(limit + 1)
+    return None if len(raw) > limit else raw
+
+
+def sign_bytes(data: bytes, key: bytes) -> str:
+    """The HMAC-SHA256 of ``data`` under ``key``, in hex: what a ``manifest.sig`` holds."""
+    return hmac.new(key, data, ALGORITHM).hexdigest()
+
+
+def signature_matches(data: bytes, signature: bytes, key: bytes) -> bool:
+    """True when ``signature`` (hex, surrounding whitespace allowed) signs ``data`` under ``key``."""
+    try:
+        given = signature.strip().decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    return hmac.compare_digest(given.lower(), sign_bytes(data, key))

@@ -17,6 +17,9 @@ Everything in the archive lies under one top folder ``<name>/``:
   it calls :func:`reproduce` and so needs expflow-flows installed.
 * ``README.md`` and ``manifest.json`` (name, creation time, expflow version,
   kind, trainables, and sha256 + size of every other file).
+* ``manifest.sig`` when a team key is given (or set in ``EXPFLOW_PACKAGE_KEY``): the
+  HMAC-SHA256 of the ``manifest.json`` bytes; with a key configured, :func:`verify_package`
+  requires it.
 
 Secrets are never packaged: ``.env``-like and key files are left out of every
 copied folder, secret-looking keys are masked in every JSON/YAML written,
@@ -26,7 +29,11 @@ in text files, and credentials in URLs are masked. Data files and binary files
 they cannot be edited safely.
 
 Reproducing runs the packaged code: reproduce only packages you trust. The safe
-unpacking protects the filesystem while extracting, not against the code.
+unpacking protects the filesystem while extracting (no escapes, no links, no file that
+the manifest does not list, no byte beyond the sizes it records, a total limit), and
+:func:`reproduce` runs nothing from a package that fails verification unless told to
+trust it; neither protects against code whose manifest was written to match it, which
+only a signature under a team key can tell apart.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,6 +69,9 @@ from expflow_flows.bundles.manifest import (
     file_entry,
     hash_bytes,
     hash_stream,
+    read_bounded,
+    sign_bytes,
+    signature_matches,
 )
 from expflow_flows.errors import ExpflowError
 from expflow_flows.runs.launch import Launch
@@ -81,7 +91,18 @@ DATA = "data.json"
 ENVIRONMENT = "environment.json"
 REPRODUCE = "reproduce.py"
 README = "README.md"
+SIGNATURE = "manifest.sig"
 KINDS = ("sweep", "experiment")
+# The package files expflow itself reads whole; each is refused past MAX_MANIFEST_BYTES.
+METADATA_FILES = (MANIFEST, RUNS, DATA, ENVIRONMENT)
+# Limits on what an archive may cost, checked before anything is read or written. Each
+# function that applies one takes a keyword to override it (None: the value here).
+MAX_UNPACK_BYTES = 64 << 30
+MAX_MANIFEST_BYTES = 64 << 20
+_MAX_SIGNATURE_BYTES = 4096
+# The environment variable holding a team's package key: packages are signed with it when
+# created and must carry a matching manifest.sig when verified.
+KEY_ENV = "EXPFLOW_PACKAGE_KEY"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 NAME_RULE = (
@@ -133,6 +154,7 @@ _STREAM_OVER = 8 << 20  # files bigger than this are streamed into the archive, 
 _TEXT_SUFFIXES_JSON = frozenset({".json"})
 _TEXT_SUFFIXES_YAML = frozenset({".yaml", ".yml"})
 _MB = 1_000_000
+_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- data types
@@ -200,7 +222,11 @@ class RunOutcome:
 
 @dataclass
 class ReproduceReport:
-    """Per-run outcomes, plus the package's integrity problems and environment differences."""
+    """Per-run outcomes, plus the package's integrity problems and environment differences.
+
+    A package with integrity problems runs only with ``trust_modified=True``; its problems
+    are then in ``trusted_modified`` (it was changed since it was made, and ran anyway),
+    and ``ok`` says whether the runs matched."""
 
     package: Path
     workdir: Path
@@ -208,6 +234,7 @@ class ReproduceReport:
     runs: list[RunOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     environment_differences: list[str] = field(default_factory=list)
+    trusted_modified: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         """How many runs ended in ``status``."""
@@ -225,6 +252,13 @@ class ReproduceReport:
             f"{self.count('differed')} differed, {self.count('failed')} failed "
             f"(relative tolerance {self.tolerance:g}); re-runs in {str(self.workdir)!r}"
         ]
+        if self.trusted_modified:
+            lines.insert(
+                0,
+                f"WARNING: this is a modified package, run anyway (trust_modified): "
+                f"{len(self.trusted_modified)} verification problem(s) overridden",
+            )
+            lines += [f"  overridden: {p}" for p in self.trusted_modified]
         lines += [f"  package problem: {p}" for p in self.problems]
         for run in self.runs:
             if run.status == "matched":
@@ -604,9 +638,11 @@ class _Writer:
         self.files[rel] = entry
         return entry
 
-    def add_json(self, rel: str, data: Any) -> dict[str, Any]:
+    def add_json(self, rel: str, data: Any) -> bytes:
+        """Add ``data`` as indented JSON; returns the bytes written."""
         raw = (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8")
-        return self.add_bytes(rel, raw)
+        self.add_bytes(rel, raw)
+        return raw
 
 
 def _collect(
@@ -702,6 +738,24 @@ def _check_runs(runs: list[RunSpec]) -> None:
             )
 
 
+def package_key(key: bytes | str | None = None) -> bytes | None:
+    """The team key to sign or check packages with: ``key``, else ``$EXPFLOW_PACKAGE_KEY``
+    when set and not empty, else None."""
+    if key is None:
+        key = os.environ.get(KEY_ENV) or None
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes):
+        raise ExpflowError(
+            f"a package key of type {type(key).__name__} is not allowed; expected bytes or text"
+        )
+    if not key:
+        raise ExpflowError("an empty package key is not allowed; expected bytes or text")
+    return key
+
+
 def _archive_path(out: Path, name: str) -> Path:
     if out.name.endswith((".tar.gz", ".tgz")):
         return out
@@ -722,14 +776,18 @@ def create_package(
     extra: dict[str, Any] | None = None,
     kind: Literal["sweep", "experiment"] = "sweep",
     launches: dict[str, dict[str, Any]] | None = None,
+    sign_key: bytes | str | None = None,
 ) -> Path:
     """Write the reproducibility package ``<out>/<name>.tar.gz`` (or ``out`` itself when it
     ends in ``.tar.gz``/``.tgz``); refuses an existing archive and returns its path.
 
     ``launches`` maps a listed trainable to how it starts (a command's label to its command);
     each run carries its own. The files a command or interpreter names (``train.py``, a
-    Hydra config) and a metric reader's file are snapshotted into ``code/`` with the rest."""
+    Hydra config) and a metric reader's file are snapshotted into ``code/`` with the rest.
+    With ``sign_key`` (default: ``$EXPFLOW_PACKAGE_KEY`` when set) ``manifest.sig`` signs the
+    manifest."""
     name = _check_name(name)
+    key = package_key(sign_key)
     if kind not in KINDS:
         raise ExpflowError(f"package kind {kind!r} is not known; expected one of {KINDS}")
     try:
@@ -819,7 +877,9 @@ def create_package(
                 # File names and hashes are not secrets; this table is not scrubbed.
                 "files": dict(sorted(w.files.items())),
             }
-            w.add_json(MANIFEST, manifest)
+            raw = w.add_json(MANIFEST, manifest)
+            if key is not None:
+                w.add_bytes(SIGNATURE, (sign_bytes(raw, key) + "\n").encode("ascii"))
     except FileExistsError:
         if not archive.exists():
             raise
@@ -1029,7 +1089,8 @@ A {kind} packaged on {created.isoformat(timespec="seconds")} with expflow-flows 
 
 Check it: `python -c "from expflow_flows.bundles.package import verify_package as v; print(v('.').summary())"`
 
-Re-run it: `python reproduce.py [--combos ID,ID] [--first N] [--tolerance 1e-6]`.
+Re-run it: `python reproduce.py [--combos ID,ID] [--first N] [--tolerance 1e-6]`; a
+package that fails the check runs nothing unless `--trust-modified` is given.
 This needs expflow-flows installed (`pip install expflow-flows=={__version__}`), and the
 versions in `environment.json` for the same numbers. Reproducing runs the packaged
 code: only reproduce packages you trust.
@@ -1047,6 +1108,7 @@ packages you trust.
     python reproduce.py                         # every run
     python reproduce.py --combos ID,ID          # chosen runs (ids from runs.json)
     python reproduce.py --first 3 --tolerance 1e-4
+    python reproduce.py --trust-modified        # run it even though it was changed
 
 Exit status: 0 when every chosen run matched, 1 when one differed or failed, 2 on errors.
 """
@@ -1062,6 +1124,11 @@ def main() -> int:
     parser.add_argument("--first", type=int, default=None, help="only the first N chosen runs")
     parser.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance")
     parser.add_argument("--workdir", default=None, help="where re-runs go (default: temporary)")
+    parser.add_argument(
+        "--trust-modified",
+        action="store_true",
+        help="run the package even though it fails verification (it was changed)",
+    )
     args = parser.parse_args()
     try:
         from expflow_flows.errors import ExpflowError
@@ -1080,6 +1147,12 @@ def main() -> int:
             first=args.first,
             tolerance=args.tolerance,
             workdir=args.workdir,
+            trust_modified=args.trust_modified,
+            on_trusted=lambda problems: print(
+                f"warning: running a MODIFIED package: {len(problems)} verification "
+                f"problem(s) overridden, the first: {problems[0]}",
+                file=sys.stderr,
+            ),
         )
     except ExpflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -1129,20 +1202,80 @@ def _member_parts(name: str) -> list[str]:
     return name.rstrip("/").split("/")
 
 
-def _refused(archive: Path, member: str, why: str) -> ExpflowError:
-    return ExpflowError(
-        f"package {str(archive)!r}: member {member!r} is refused: {why}; "
-        "a package holds only regular files and folders under one top folder"
+_LAYOUT_HINT = "a package holds only regular files and folders under one top folder"
+_SIZE_HINT = "the manifest records every file's size; was the package changed after it was made?"
+
+
+def _refused(archive: Path, member: str, why: str, hint: str = _LAYOUT_HINT) -> ExpflowError:
+    return ExpflowError(f"package {str(archive)!r}: member {member!r} is refused: {why}; {hint}")
+
+
+def _byte_limit(value: object, default: int, what: str) -> int:
+    """``value`` as a byte limit (None: ``default``), or one clear error."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ExpflowError(
+            f"{what}={value!r} is not allowed; expected a whole number of bytes >= 0"
+        )
+    return value
+
+
+def _too_big(rel: str, size: int | None, limit: int) -> str:
+    """Why the metadata file ``rel`` of ``size`` bytes (None: more than the limit) is not read."""
+    held = f"{size:,} bytes" if size is not None else f"more than {limit:,} bytes"
+    return (
+        f"{rel}: {held}, over the {limit:,}-byte limit for package metadata files; "
+        "not read (a real one is far smaller)"
     )
 
 
-def unpack_package(archive: Path | str, dest: Path | str) -> Path:
+def _listed_size(entry: object) -> int | None:
+    size = entry.get("size") if isinstance(entry, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+def _read_manifest_member(
+    archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int
+) -> dict[str, Any]:
+    """The ``files`` table of the archive's manifest, read within ``limit`` bytes."""
+    if member.size > limit:
+        raise _refused(archive, member.name, _too_big(MANIFEST, member.size, limit), _SIZE_HINT)
+    fh = tar.extractfile(member)
+    raw = read_bounded(fh, limit) if fh is not None else None
+    if raw is None:
+        raise _refused(archive, member.name, _too_big(MANIFEST, None, limit), _SIZE_HINT)
+    try:
+        listed = json.loads(raw)["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("files is not a table")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise ExpflowError(
+            f"package {str(archive)!r}: {MANIFEST} is unreadable ({type(exc).__name__}); "
+            "expected JSON with a 'files' table"
+        ) from None
+    return listed
+
+
+def unpack_package(
+    archive: Path | str,
+    dest: Path | str,
+    *,
+    max_bytes: int | None = None,
+    max_manifest_bytes: int | None = None,
+) -> Path:
     """Safely extract ``archive`` into ``dest``; returns the package folder.
 
-    Every member is checked before anything is written: absolute paths, ``..``,
-    links, devices and members outside one top folder are refused (ExpflowError
-    naming the member). Extraction then also uses tarfile's ``data`` filter.
+    Every member is checked before anything is written: absolute paths, ``..``, links,
+    devices, members outside one top folder, members that ``manifest.json`` does not list
+    or whose size differs from the size it records, and a total over ``max_bytes``
+    (default :data:`MAX_UNPACK_BYTES`) are refused (ExpflowError naming the member). Each
+    file is then streamed with its recorded size as a limit; on any refusal nothing is
+    left in ``dest``. Metadata files are limited to ``max_manifest_bytes``
+    (default :data:`MAX_MANIFEST_BYTES`).
     """
+    total_limit = _byte_limit(max_bytes, MAX_UNPACK_BYTES, "max_bytes")
+    meta_limit = _byte_limit(max_manifest_bytes, MAX_MANIFEST_BYTES, "max_manifest_bytes")
     archive = Path(archive).expanduser()
     dest = Path(dest).expanduser()
     if not archive.is_file():
@@ -1170,31 +1303,130 @@ def unpack_package(archive: Path | str, dest: Path | str) -> Path:
                 raise _refused(archive, m.name, f"it lies outside the top folder {top!r}")
             if m.isreg() and len(_member_parts(m.name)) == 1:
                 raise _refused(archive, m.name, "it is a file beside the top folder")
-        if top is None or not any(
-            _member_parts(m.name) == [top, MANIFEST] and m.isreg() for m in members
-        ):
+        manifests = [m for m in members if m.isreg() and _member_parts(m.name) == [top, MANIFEST]]
+        if top is None or not manifests:
             raise ExpflowError(
                 f"package {str(archive)!r} has no {MANIFEST} in a top folder; "
                 "is it an expflow package?"
             )
+        try:
+            listed = _read_manifest_member(archive, tar, manifests[0], meta_limit)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ExpflowError(f"package {str(archive)!r} is corrupt ({exc})") from None
+        plan = _unpack_plan(archive, members, listed, total_limit, meta_limit)
+        dest_existed = dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
         if any(dest.iterdir()):
             raise ExpflowError(
                 f"unpack folder {str(dest)!r} is not empty; expected a new or empty folder"
             )
         try:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, members=members, filter="data")
-            else:  # our own checks above already refused links, devices and escapes
-                tar.extractall(dest, members=members)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ExpflowError(f"package {str(archive)!r} could not be unpacked ({exc})") from None
-    root = dest / top
-    real = dest.resolve()
-    for p in root.rglob("*"):
-        if p.is_symlink() or not _inside(p.resolve(), real):
-            raise _refused(archive, p.relative_to(dest).as_posix(), "it is a link after unpacking")
+            _write_members(archive, tar, plan, dest)
+            root = dest / top
+            real = dest.resolve()
+            for p in root.rglob("*"):
+                if p.is_symlink() or not _inside(p.resolve(), real):
+                    raise _refused(
+                        archive, p.relative_to(dest).as_posix(), "it is a link after unpacking"
+                    )
+        except BaseException:
+            # Leave nothing behind: a refused or broken archive is not half there.
+            for child in list(dest.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            if not dest_existed:
+                with contextlib.suppress(OSError):
+                    dest.rmdir()
+            raise
     return root
+
+
+def _unpack_plan(
+    archive: Path,
+    members: list[tarfile.TarInfo],
+    listed: dict[str, Any],
+    total_limit: int,
+    meta_limit: int,
+) -> list[tuple[tarfile.TarInfo, list[str], int]]:
+    """(member, path parts, bytes it may hold) for each member, once every check passed."""
+    plan: list[tuple[tarfile.TarInfo, list[str], int]] = []
+    seen: set[str] = set()
+    total = 0
+    for m in members:
+        parts = _member_parts(m.name)
+        if m.isdir():
+            plan.append((m, parts, 0))
+            continue
+        rel = "/".join(parts[1:])
+        if rel in seen:
+            raise _refused(archive, m.name, "it appears twice in the archive", _SIZE_HINT)
+        seen.add(rel)
+        if rel == MANIFEST:
+            expected = m.size
+        elif rel == SIGNATURE:
+            if m.size > _MAX_SIGNATURE_BYTES:
+                why = f"a signature of {m.size:,} bytes (at most {_MAX_SIGNATURE_BYTES:,})"
+                raise _refused(archive, m.name, why, _SIZE_HINT)
+            expected = m.size
+        else:
+            if rel not in listed:
+                raise _refused(archive, m.name, f"it is not listed in {MANIFEST}", _SIZE_HINT)
+            size = _listed_size(listed[rel])
+            if size is None:
+                why = f"{MANIFEST} records no valid size for it ({listed[rel]!r})"
+                raise _refused(archive, m.name, why, _SIZE_HINT)
+            if m.size != size:
+                why = f"it holds {m.size:,} bytes, manifest says {size:,} bytes"
+                raise _refused(archive, m.name, why, _SIZE_HINT)
+            if rel in METADATA_FILES and size > meta_limit:
+                raise _refused(archive, m.name, _too_big(rel, size, meta_limit), _SIZE_HINT)
+            expected = size
+        total += expected
+        plan.append((m, parts, expected))
+    if total > total_limit:
+        raise ExpflowError(
+            f"package {str(archive)!r} would unpack to {total:,} bytes, over the "
+            f"{total_limit:,}-byte limit (max_bytes; default MAX_UNPACK_BYTES); nothing was written"
+        )
+    return plan
+
+
+def _write_members(
+    archive: Path,
+    tar: tarfile.TarFile,
+    plan: list[tuple[tarfile.TarInfo, list[str], int]],
+    dest: Path,
+) -> None:
+    """Write the planned members below ``dest``, each stopped at the bytes it may hold."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        for m, parts, expected in plan:
+            target = dest.joinpath(*parts)
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            if src is None:
+                raise _refused(archive, m.name, "it has no data")
+            mode = 0o755 if m.mode & 0o100 else 0o644
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, mode)
+            written = 0
+            with os.fdopen(fd, "wb") as out:
+                # Never trust the header alone: at most one byte past the record is read.
+                while chunk := src.read(min(_CHUNK, expected - written + 1)):
+                    written += len(chunk)
+                    if written > expected:
+                        why = f"more than the {expected:,} bytes recorded for it arrived"
+                        raise _refused(archive, m.name, why, _SIZE_HINT)
+                    out.write(chunk)
+            if written != expected:
+                why = f"it ended after {written:,} of its {expected:,} bytes"
+                raise _refused(archive, m.name, why, _SIZE_HINT)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ExpflowError(f"package {str(archive)!r} could not be unpacked ({exc})") from None
 
 
 def _package_root(folder: Path) -> Path:
@@ -1219,9 +1451,46 @@ def _safe_rel(rel: object) -> bool:
     )
 
 
-def _scan_archive(archive: Path) -> tuple[dict[str, tuple[str, int]], dict[str, bytes], list[str]]:
-    """Hashes of every file in the archive (by name below the top folder), the manifest and
-    environment bytes, and structural problems, without extracting anything."""
+_Scan = tuple[dict[str, tuple[str, int]], dict[str, bytes], list[str]]
+
+
+def _take(
+    rel: str,
+    size: int,
+    fh: Any,
+    limit: int,
+    found: dict[str, tuple[str, int]],
+    keep: dict[str, bytes],
+    problems: list[str],
+) -> None:
+    """Hash one file of ``size`` bytes (as a header or stat says); keep the manifest, its
+    signature and the environment, each read within its limit."""
+    if rel == SIGNATURE:
+        raw = read_bounded(fh, _MAX_SIGNATURE_BYTES)
+        if raw is None:
+            problems.append(f"{SIGNATURE}: more than {_MAX_SIGNATURE_BYTES:,} bytes; not read")
+        else:
+            keep[rel] = raw
+        return
+    if rel in METADATA_FILES and size > limit:
+        problems.append(_too_big(rel, size, limit))
+        found[rel] = ("", -1)  # not even hashed: it is refused whatever it holds
+        return
+    if rel in (MANIFEST, ENVIRONMENT):
+        raw = read_bounded(fh, limit)
+        if raw is None:
+            problems.append(_too_big(rel, None, limit))
+            found[rel] = ("", -1)
+            return
+        keep[rel] = raw
+        found[rel] = hash_bytes(raw)
+        return
+    found[rel] = hash_stream(fh)
+
+
+def _scan_archive(archive: Path, limit: int) -> _Scan:
+    """Hashes of every file in the archive (by name below the top folder), the manifest,
+    signature and environment bytes, and structural problems, without extracting anything."""
     found: dict[str, tuple[str, int]] = {}
     keep: dict[str, bytes] = {}
     problems: list[str] = []
@@ -1245,22 +1514,17 @@ def _scan_archive(archive: Path) -> tuple[dict[str, tuple[str, int]], dict[str, 
                 if not rel:
                     problems.append(f"{m.name}: a file beside the top folder")
                     continue
-                if rel in found:
+                if rel in found or rel in keep:
                     problems.append(f"{rel}: appears twice in the archive")
                 fh = tar.extractfile(m)
                 assert fh is not None
-                if rel in (MANIFEST, ENVIRONMENT):
-                    raw = fh.read()
-                    keep[rel] = raw
-                    found[rel] = hash_bytes(raw)
-                else:
-                    found[rel] = hash_stream(fh)
+                _take(rel, m.size, fh, limit, found, keep, problems)
     except (tarfile.TarError, OSError, EOFError) as exc:
         problems.append(f"archive is corrupt or unreadable ({type(exc).__name__}: {exc})")
     return found, keep, problems
 
 
-def _scan_folder(root: Path) -> tuple[dict[str, tuple[str, int]], dict[str, bytes], list[str]]:
+def _scan_folder(root: Path, limit: int) -> _Scan:
     found: dict[str, tuple[str, int]] = {}
     keep: dict[str, bytes] = {}
     problems: list[str] = []
@@ -1274,49 +1538,67 @@ def _scan_folder(root: Path) -> tuple[dict[str, tuple[str, int]], dict[str, byte
         if not p.is_file():
             problems.append(f"{rel}: not a regular file")
             continue
-        if rel in (MANIFEST, ENVIRONMENT):
-            raw = p.read_bytes()
-            keep[rel] = raw
-            found[rel] = hash_bytes(raw)
-        else:
-            with open(p, "rb") as fh:
-                found[rel] = hash_stream(fh)
+        with open(p, "rb") as fh:
+            _take(rel, os.fstat(fh.fileno()).st_size, fh, limit, found, keep, problems)
     return found, keep, problems
 
 
-def verify_package(path: Path | str) -> VerifyReport:
+def verify_package(
+    path: Path | str,
+    *,
+    max_manifest_bytes: int | None = None,
+    key: bytes | str | None = None,
+) -> VerifyReport:
     """Check a package (archive or unpacked folder) against its manifest.
 
-    Missing files, checksum or size mismatches and unexpected files are problems;
+    Missing files, checksum or size mismatches, unexpected files, metadata files over
+    ``max_manifest_bytes`` (default :data:`MAX_MANIFEST_BYTES`) and, with a team ``key``
+    (default ``$EXPFLOW_PACKAGE_KEY``), a missing or wrong ``manifest.sig`` are problems;
     Python, OS and package version differences from here are information only.
     """
+    limit = _byte_limit(max_manifest_bytes, MAX_MANIFEST_BYTES, "max_manifest_bytes")
+    team_key = package_key(key)
     path = Path(path).expanduser()
     if not path.exists():
         raise ExpflowError(f"package {str(path)!r} does not exist; expected a .tar.gz or folder")
     if path.is_dir():
         root = _package_root(path)
-        found, keep, problems = _scan_folder(root)
+        found, keep, problems = _scan_folder(root, limit)
         shown = root
     else:
-        found, keep, problems = _scan_archive(path)
+        found, keep, problems = _scan_archive(path, limit)
         shown = path
     if MANIFEST not in keep:
-        problems.append(f"{MANIFEST}: missing; this is not an expflow package")
+        if MANIFEST not in found:  # else it was too big to read, which is said already
+            problems.append(f"{MANIFEST}: missing; this is not an expflow package")
         return VerifyReport(shown, False, problems)
     try:
         manifest = json.loads(keep[MANIFEST])
         listed = manifest["files"]
         if not isinstance(listed, dict):
             raise TypeError("files is not a table")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         problems.append(f"{MANIFEST}: unreadable ({type(exc).__name__}: {exc})")
         return VerifyReport(shown, False, problems)
+    if team_key is not None:
+        if SIGNATURE not in keep:
+            problems.append(
+                f"{SIGNATURE}: missing; a team key is configured ({KEY_ENV}), "
+                "so packages must be signed with it"
+            )
+        elif not signature_matches(keep[MANIFEST], keep[SIGNATURE], team_key):
+            problems.append(
+                f"{SIGNATURE}: the signature does not match {MANIFEST} under the configured "
+                "key; the manifest was changed, or signed with another key"
+            )
     for rel, entry in sorted(listed.items()):
-        if not _safe_rel(rel) or rel == MANIFEST:
+        if not _safe_rel(rel) or rel in (MANIFEST, SIGNATURE):
             problems.append(f"{MANIFEST} lists a path that is not allowed: {rel!r}")
             continue
         if rel not in found:
             problems.append(f"{rel}: missing")
+            continue
+        if found[rel][1] < 0:  # too big to read; said already
             continue
         problem = entry_problem(rel, entry, found[rel])
         if problem:
@@ -1329,7 +1611,7 @@ def verify_package(path: Path | str) -> VerifyReport:
         try:
             recorded = json.loads(keep[ENVIRONMENT])
             differences = environment_differences(recorded if isinstance(recorded, dict) else {})
-        except ValueError:
+        except (ValueError, RecursionError):
             problems.append(f"{ENVIRONMENT}: not valid JSON")
     return VerifyReport(shown, not problems, problems, differences)
 
@@ -1337,17 +1619,35 @@ def verify_package(path: Path | str) -> VerifyReport:
 # --------------------------------------------------------------------------- reproducing
 
 
-def _read_runs(root: Path) -> list[dict[str, Any]]:
-    where = root / RUNS
+def _read_json(root: Path, rel: str, limit: int, default: Any = None) -> Any:
+    """The JSON file ``rel`` of a package folder, read within ``limit`` bytes; ``default``
+    when it is missing or unreadable (None: an ExpflowError instead)."""
+    where = root / rel
     try:
-        data = json.loads(where.read_text(encoding="utf-8"))
-        runs = data["runs"]
-        if not isinstance(runs, list):
-            raise TypeError("runs is not a list")
+        with open(where, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            raw = read_bounded(fh, limit) if size <= limit else None
+            if raw is None:
+                raise ExpflowError(
+                    f"package {str(root)!r}: {_too_big(rel, size if size > limit else None, limit)}"
+                )
+        return json.loads(raw)
     except FileNotFoundError:
+        if default is not None:
+            return default
         raise ExpflowError(f"{str(where)!r} does not exist; is this an expflow package?") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
+        if default is not None:
+            return default
         raise ExpflowError(f"{str(where)!r} is unreadable ({type(exc).__name__})") from None
+
+
+def _read_runs(root: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    where = root / RUNS
+    data = _read_json(root, RUNS, _byte_limit(limit, MAX_MANIFEST_BYTES, "max_manifest_bytes"))
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list):
+        raise ExpflowError(f"{str(where)!r} is unreadable (it holds no 'runs' list)")
     for run in runs:
         run_id = run.get("run_id") if isinstance(run, dict) else None
         if not isinstance(run_id, str) or not NAME_RE.fullmatch(run_id) or ".." in run_id:
@@ -1413,9 +1713,12 @@ def _on_sys_path(folder: Path | None) -> Iterator[None]:
         yield
         return
     sys.path.insert(0, str(folder))
+    # No __pycache__ in the package folder: it would be an unexpected file next time.
+    was, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         yield
     finally:
+        sys.dont_write_bytecode = was
         with contextlib.suppress(ValueError):
             sys.path.remove(str(folder))
 
@@ -1487,12 +1790,21 @@ def reproduce(
     workdir: Path | str | None = None,
     first: int | None = None,
     timeout: float | None = None,
+    trust_modified: bool = False,
+    max_unpack_bytes: int | None = None,
+    max_manifest_bytes: int | None = None,
+    key: bytes | str | None = None,
+    on_trusted: Callable[[list[str]], None] | None = None,
 ) -> ReproduceReport:
     """Re-run a package's runs (all, ``combos`` by id, and/or the ``first`` N) and compare
     their metrics with the packaged ones within relative ``tolerance``.
 
     An archive is unpacked safely into ``workdir`` (default: a new temporary folder);
-    re-runs go to a new ``reruns-*`` folder there. Runs the packaged code: trust it first.
+    re-runs go to a new ``reruns-*`` folder there. A package that fails
+    :func:`verify_package` runs nothing (ExpflowError naming the first problem) unless
+    ``trust_modified``; then the overridden problems are in the report's
+    ``trusted_modified`` and passed to ``on_trusted`` before anything runs. Runs the
+    packaged code: trust it first.
     """
     try:
         tol = float(tolerance)
@@ -1500,6 +1812,7 @@ def reproduce(
         tol = float("nan")
     if not math.isfinite(tol) or tol < 0:
         raise ExpflowError(f"tolerance {tolerance!r} is not allowed; expected a number >= 0")
+    meta_limit = _byte_limit(max_manifest_bytes, MAX_MANIFEST_BYTES, "max_manifest_bytes")
     src = Path(path_or_dir).expanduser()
     if not src.exists():
         raise ExpflowError(f"package {str(src)!r} does not exist; expected a .tar.gz or folder")
@@ -1508,34 +1821,51 @@ def reproduce(
     else:
         work = Path(workdir).expanduser()
         work.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        root = _package_root(src)
-    else:
-        unpack_to = Path(tempfile.mkdtemp(dir=work, prefix="package-"))
-        try:
-            root = unpack_package(src, unpack_to)
-        except BaseException:
-            # Leave nothing behind when the archive is refused.
-            shutil.rmtree(unpack_to, ignore_errors=True)
-            raise
-    check = verify_package(root)
+    unpack_to: Path | None = None
     try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = {}
-    code = manifest.get("code", {}) if isinstance(manifest, dict) else {}
-    chosen = _choose(_read_runs(root), combos, first)
+        if src.is_dir():
+            root = _package_root(src)
+        else:
+            unpack_to = Path(tempfile.mkdtemp(dir=work, prefix="package-"))
+            root = unpack_package(
+                src, unpack_to, max_bytes=max_unpack_bytes, max_manifest_bytes=meta_limit
+            )
+        check = verify_package(root, max_manifest_bytes=meta_limit, key=key)
+        if check.problems and not trust_modified:
+            raise ExpflowError(
+                f"package {str(src)!r} failed verification with {len(check.problems)} "
+                f"problem(s), the first: {_one_line(check.problems[0])}; nothing was run "
+                "(`expflow package verify` lists them all; --trust-modified, or "
+                "trust_modified=True, runs it anyway)"
+            )
+        manifest = _read_json(root, MANIFEST, meta_limit, {})
+        code = manifest.get("code", {}) if isinstance(manifest, dict) else {}
+        chosen = _choose(_read_runs(root, meta_limit), combos, first)
+    except BaseException:
+        # Nothing ran: leave nothing behind either.
+        if unpack_to is not None:
+            shutil.rmtree(unpack_to, ignore_errors=True)
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     report = ReproduceReport(
         package=root,
         workdir=work,
         tolerance=tol,
-        problems=list(check.problems),
         environment_differences=list(check.environment_differences),
+        trusted_modified=list(check.problems),
     )
+    if report.trusted_modified and on_trusted is not None:
+        on_trusted(report.trusted_modified)
     reruns = Path(tempfile.mkdtemp(dir=work, prefix="reruns-"))
     for run in chosen:
         report.runs.append(_rerun(run, root, code, reruns, tol, timeout))
     return report
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a member's name) escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 def _rerun(
@@ -1623,7 +1953,13 @@ __all__ = [
 # --------------------------------------------------------------------------- sources
 
 
-def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: float = 10) -> Path:
+def package_sweep(
+    sweep_dir: Path,
+    out: Path | str,
+    *,
+    include_data_up_to_mb: float = 10,
+    sign_key: bytes | str | None = None,
+) -> Path:
     """Package a finished sweep: its config and space, results, metadata and every ok run."""
     from expflow_flows.sweep.results import SweepResults
 
@@ -1674,6 +2010,7 @@ def package_sweep(sweep_dir: Path, out: Path | str, *, include_data_up_to_mb: fl
         include_data_up_to_mb=include_data_up_to_mb,
         extra={"sweep": sweep_dir.name, "combinations": meta.get("combinations")},
         kind="sweep",
+        sign_key=sign_key,
     )
 
 
@@ -1687,7 +2024,13 @@ def _sweep_steps(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": "run", **trainable}]
 
 
-def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: float = 10) -> Path:
+def package_experiment(
+    exp_id: str,
+    out: Path | str,
+    *,
+    include_data_up_to_mb: float = 10,
+    sign_key: bytes | str | None = None,
+) -> Path:
     """Package a ledger experiment: its settings, best params, metrics and run folder files."""
     from expflow_flows.governance.ledger import Ledger
 
@@ -1748,4 +2091,5 @@ def package_experiment(exp_id: str, out: Path | str, *, include_data_up_to_mb: f
         extra={"experiment": row.id, "state": row.state},
         kind="experiment",
         launches=launches,
+        sign_key=sign_key,
     )
