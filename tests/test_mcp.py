@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -376,7 +377,11 @@ def test_the_lockout_holds_for_agents(agent, home):
     # Even the right PIN waits out the lockout.
     assert "locked until" in agent.error("cancel_flow_run", flow_run=run_id, pin=PIN)
     assert agent.ok("flow_run_status", flow_run=run_id)["state"] == "SCHEDULED"
-    (home / "pin_state.json").unlink()  # rather than wait 30 s
+    # Rather than wait 30 s: deleting the state file alone would not lift the lockout,
+    # the ledger database keeps it too.
+    (home / "pin_state.json").unlink()
+    with sqlite3.connect(home / "ledger.sqlite") as db:
+        db.execute("UPDATE pin_state SET failures = 0, lockouts = 0, locked_until = NULL")
     assert agent.ok("cancel_flow_run", flow_run=run_id, pin=PIN)["state"] == "CANCELLED"
 
 

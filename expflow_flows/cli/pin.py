@@ -84,7 +84,11 @@ def pin_check(
 def pin_clear(
     pin: str | None = typer.Option(None, help="The current PIN (or EXPFLOW_PIN)."),
 ) -> None:
-    """Remove the PIN (needs the current one); guarded acts are then allowed and still audited."""
+    """Remove the PIN (needs the current one); guarded acts are then allowed and still audited.
+
+    Also the way out when pin.json went missing or was replaced: the PIN is then checked
+    against the record kept in the ledger database.
+    """
     from expflow_flows.governance import pin as pin_mod
 
     if not pin_mod.pin_status().get("set"):
