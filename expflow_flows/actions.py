@@ -16,8 +16,11 @@ Prefect is imported inside the functions that talk to it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -30,6 +33,8 @@ from expflow_flows.governance import fsm
 from expflow_flows.governance import pin as pin_guard
 from expflow_flows.governance.ledger import Experiment, Ledger
 from expflow_flows.home import runs_root
+
+log = logging.getLogger(__name__)
 
 Via = Literal["cli", "mcp"]
 """The front end that asked: written into ledger messages and audit-log targets."""
@@ -157,8 +162,48 @@ def _advance(ledger: Ledger, exp_id: str, event: str, message: str) -> None:
 def list_experiments(
     state: str | None = None, name: str | None = None, limit: int | None = 50
 ) -> list[Experiment]:
-    """Ledger experiments, newest first; a bad state is one line naming the known ones."""
+    """Ledger experiments, newest first; a bad state is one line naming the known ones.
+
+    Runs of this host whose process is gone are failed first (and their Prefect flow
+    runs marked crashed), so nothing is listed RUNNING that no process runs."""
+    reconcile_crashed()
     return Ledger().list(state=state or None, name=name or None, limit=limit)
+
+
+def reconcile_crashed() -> list[Any]:
+    """Fail this host's RUNNING experiments whose process died; mark their flow runs
+    Crashed in the Prefect API when one is configured. Returns the experiments failed."""
+    ended = Ledger().reconcile()
+    if ended and _api_configured():
+        for row in ended:
+            if row.flow_run_id:
+                _mark_crashed(row.flow_run_id, row.message)
+    return ended
+
+
+def _api_configured() -> bool:
+    """A Prefect API to tell (never a temporary server started just for this)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def _mark_crashed(flow_run_id: str, message: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    async def mark() -> None:
+        async with get_client() as client:
+            run = await client.read_flow_run(flow_run_id)
+            if run.state is None or not run.state.is_final():
+                await client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+
+    try:
+        asyncio.run(mark())
+    except Exception as exc:  # noqa: BLE001 - the ledger is reconciled either way
+        log.warning("flow run %s not marked crashed: %s", flow_run_id, exc)
 
 
 def experiment_detail(exp_id: str) -> dict[str, Any]:

@@ -8,6 +8,37 @@ from typing import Any
 from expflow_flows.errors import ExpflowError
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _unique_keys(loader: type) -> type:
+    """``loader`` that refuses a mapping key given twice (YAML would keep the last one)."""
+
+    import yaml
+
+    class UniqueKeys(loader):  # type: ignore[valid-type, misc]
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set[Any] = set()
+            pairs = node.value if isinstance(node, yaml.MappingNode) else []
+            for key_node, _ in pairs:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base loader says why
+                    continue
+                if duplicate:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
+
+
 def read_mapping(
     path: str | Path,
     what: str,
@@ -28,7 +59,12 @@ def read_mapping(
         raise ExpflowError(f"{what} {str(path)!r} {why}")
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.load(text, Loader=loader) if loader else yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys(loader or yaml.SafeLoader))
+    except _DuplicateKey as exc:
+        raise ExpflowError(
+            f"{what} {str(path)!r}: key {exc.key!r} is given twice (again at line {exc.line}); "
+            "keep one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

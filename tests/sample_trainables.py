@@ -175,3 +175,29 @@ def endless(params, run):
         except Exception:  # noqa: BLE001 - a careless trainable must still be stoppable
             pass
         time.sleep(0.01)
+
+
+SECRET_KEY = "sk-live-7Q2xVb9"
+SECRET_PASSWORD = "pw-Zt4nK8rr"
+
+
+def needs_secret(params, run):
+    """Fails unless the secret params arrived unchanged; never prints or writes them."""
+    if params.get("api_key") != SECRET_KEY or params.get("db_password") != SECRET_PASSWORD:
+        raise RuntimeError("the secret params did not reach the trainable unchanged")
+    x = float(params["x"])
+    for step in range(1, 3):
+        run.report(step, loss=(x - 2.0) ** 2 + 1.0 / step)
+    (run.run_dir / "model.txt").write_text(str(x))
+    return {"loss": (x - 2.0) ** 2}
+
+
+MEET = None  # a threading.Barrier the overlap test sets
+
+
+def meets_another(params, run):
+    """Waits for a second callable to be running at the same time; prints its own tag."""
+    print(f"tag={params['tag']}")
+    MEET.wait(timeout=20)
+    print(f"done={params['tag']}")
+    return {"value": 1.0}

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -466,13 +465,11 @@ def test_big_grid_is_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(built) == 11
 
 
-def test_big_grid_iterates_fast() -> None:
-    space = big_grid()
-    start = time.perf_counter()
+def test_big_grid_iterates_to_its_end() -> None:
+    space = big_grid()  # speed: the sweep benchmarks in make bench
     last = collections.deque(space.combinations(), maxlen=1)[0]
     assert last.index == 99_999
     assert space.count() == 100_000
-    assert time.perf_counter() - start < 10  # about 1 s on a laptop core
 
 
 def test_yielded_lists_are_copies() -> None:

@@ -375,3 +375,30 @@ def test_a_callable_in_a_thread_stops_at_its_next_report_when_its_run_ends(tmp_p
     # Stopping is for one run only: the next run trains normally.
     again = run_trainable("sample_trainables:quadratic", {"x": 3}, tmp_path / "r2")
     assert again.ok
+
+
+def test_callables_on_threads_overlap_and_each_captures_its_own_output(tmp_path):
+    # Two callables in one process (the threads runner) run at the same time: each waits
+    # for the other at a barrier, which fails unless both are running at once.
+    import threading
+
+    import sample_trainables
+
+    sample_trainables.MEET = threading.Barrier(2)
+    results = {}
+
+    def one(tag: str) -> None:
+        results[tag] = run_trainable(
+            "sample_trainables:meets_another", {"tag": tag}, tmp_path / tag
+        )
+
+    threads = [threading.Thread(target=one, args=(tag,)) for tag in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for tag, other in (("a", "b"), ("b", "a")):
+        assert results[tag].ok, results[tag].reason
+        log = (tmp_path / tag / "output.log").read_text()
+        assert f"tag={tag}" in log and f"done={tag}" in log
+        assert f"tag={other}" not in log

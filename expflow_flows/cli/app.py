@@ -29,6 +29,7 @@ from expflow_flows.cli.runs import compare, runs_app
 from expflow_flows.cli.server import server_app
 from expflow_flows.cli.system import system_app
 from expflow_flows.errors import ExpflowError
+from expflow_flows.secrets import hand_over
 from expflow_flows.settings.base import set_dotted
 
 # Without a server, each command starts Prefect's temporary one, which creates and migrates its
@@ -43,7 +44,17 @@ class _OneLineErrors(TyperGroup):
         try:
             return super().invoke(ctx)
         except ExpflowError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # One line even when a bad value brought a line break into the message.
+            message = " ".join(str(exc).splitlines()) or type(exc).__name__
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            from expflow_flows.errors import disk_full
+
+            full = disk_full(exc)
+            if full is None:
+                raise
+            typer.echo(f"error: {full}", err=True)
             raise typer.Exit(2) from None
 
 
@@ -137,7 +148,9 @@ def _run_pipeline(
     try:
         with bar:
             return pipeline(
-                config=str(config) if config else None, settings=overrides or None, force=force
+                config=str(config) if config else None,
+                settings=hand_over(overrides) or None,  # Prefect records no secret
+                force=force,
             )
     finally:
         unsubscribe()
@@ -310,7 +323,6 @@ def pipeline_delete_study(
 def _options_to_settings(options: dict[str, Any], items: list[str]) -> dict[str, Any]:
     """Given CLI options (by their dotted setting) and ``--set key=value`` pairs (values read
     as YAML) as nested settings; the settings model checks the names and values."""
-    import yaml
 
     out: dict[str, Any] = {}
     for key, value in options.items():
@@ -325,16 +337,25 @@ def _options_to_settings(options: dict[str, Any], items: list[str]) -> dict[str,
                 f"--set {item!r}: the value is empty; give one (null clears a setting "
                 "that may be empty)"
             )
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise ExpflowError(f"--set {item!r}: the value is not valid YAML") from None
-        set_dotted(out, key.strip(), value)
+        set_dotted(out, key.strip(), _yaml_value(f"--set {item!r}", raw))
     return out
 
 
-def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
+def _yaml_value(what: str, raw: str) -> Any:
+    """A command-line value read as YAML (``20``, ``[a, b]``, ``{epochs: 5}``), one line if not."""
     import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ExpflowError(
+            f"{what}: the value is not valid YAML ({problem}); put a string with YAML "
+            "characters in quotes"
+        ) from None
+
+
+def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
 
     from expflow_flows.settings.pipeline import load_pipeline_settings
 
@@ -343,7 +364,7 @@ def _parse_params(items: list[str], config: Path | None) -> dict[str, Any]:
         name, sep, raw = item.partition("=")
         if not sep or not name:
             raise ExpflowError(f"--param {item!r}: expected name=value")
-        base[name] = yaml.safe_load(raw)
+        base[name] = _yaml_value(f"--param {item!r}", raw)
     return base
 
 
@@ -395,7 +416,7 @@ def sweep_run(
     preflight(load_sweep_settings(config, overrides))
     api = _ensure_server(port, server)
 
-    summary = sweep(config=str(config) if config else None, settings=overrides or None)
+    summary = sweep(config=str(config) if config else None, settings=hand_over(overrides) or None)
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return

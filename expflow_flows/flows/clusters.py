@@ -64,7 +64,7 @@ def task_runner(cluster: ClusterSettings) -> Any:
             adapt_kwargs={"minimum": cluster.workers, "maximum": cluster.workers},
         )
     if cluster.address:
-        return DaskTaskRunner(address=cluster.address)
+        return DaskTaskRunner(address=cluster.scheduler_address())
     # One thread per worker process: trainables are CPU-bound numpy code, and a
     # callable's output capture is per process.
     return DaskTaskRunner(
@@ -82,7 +82,7 @@ def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterat
     logging.getLogger("distributed").setLevel(logging.WARNING)
     made: Any = None
     if cluster.address:
-        client = Client(cluster.address)
+        client = Client(cluster.scheduler_address())
     elif cluster.kind == "slurm":
         made = _slurm_cluster(cluster, resources)
         client = Client(made)

@@ -63,6 +63,9 @@ def _mover(target: str, describe: Describe) -> Callable[[Any, Any, Any], None]:
             row = _row(flow, flow_run, ledger, describe)
             if row.state != target:
                 ledger.move_to(row.id, target, message=str(state.message or state.name or ""))
+            if target == "RUNNING":
+                ledger.claim(row.id)  # so a run whose process dies is found and failed
+                ledger.reconcile()  # and those of earlier runs that died are failed now
         except Exception as exc:  # noqa: BLE001 - bookkeeping must not break the run
             log.warning("ledger not updated for flow run %s: %s", flow_run.id, exc)
 

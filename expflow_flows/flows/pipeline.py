@@ -22,13 +22,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.states import Failed
 
 from expflow_flows.bundles import submission
 from expflow_flows.errors import ExpflowError, GateFailed
 from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
+from expflow_flows.flows.outcomes import failed_outcome
 from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.hpo import loop
@@ -43,7 +43,7 @@ from expflow_flows.runs import trainable as trainable_mod
 from expflow_flows.runs.metadata import capture_environment
 from expflow_flows.runs.rundir import RunDir, new_run_id
 from expflow_flows.runs.trainable import RunResult, run_trainable
-from expflow_flows.secrets import scrub
+from expflow_flows.secrets import release, scrub, seal, take_over, unseal
 from expflow_flows.settings.base import overrides_model
 from expflow_flows.settings.common import TrackingSettings
 from expflow_flows.settings.pipeline import PipelineSettings, load_pipeline_settings
@@ -162,7 +162,10 @@ def _hpo_run_name() -> str:
 
 @flow(name="hpo", flow_run_name=_hpo_run_name)
 def hpo_flow(
-    settings: PipelineSettings, experiment_dir: str, report_dir: str | None = None
+    settings: PipelineSettings,
+    experiment_dir: str,
+    report_dir: str | None = None,
+    secrets_ref: str | None = None,
 ) -> dict[str, Any]:
     """Run trials until the study holds ``hpo.n_trials`` finished ones; returns the best.
 
@@ -170,12 +173,18 @@ def hpo_flow(
         settings: The pipeline's settings (the HPO stage, the train trainable, the cluster).
         experiment_dir: Folder the trial folders go under.
         report_dir: Folder of the HTML study report (default: ``experiment_dir``).
+        secrets_ref: Where the pipeline that started this flow keeps the real values of
+            the secret params shown as ``***`` here (Prefect stores these parameters).
     """
     try:
+        try:
+            params = unseal(settings.params, secrets_ref)
+        except LookupError as exc:
+            raise ExpflowError(str(exc)) from None
+        settings = settings.model_copy(update={"params": params})
         return _hpo(settings, Path(experiment_dir), Path(report_dir or experiment_dir))
-    except ExpflowError as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+    except Exception as exc:
+        return failed_outcome(exc, experiment_dir)
 
 
 def _hpo(settings: PipelineSettings, experiment_dir: Path, report_dir: Path) -> dict[str, Any]:
@@ -235,7 +244,7 @@ def _step_record(
     return StepRecord(
         kind=kind,
         name=name,
-        params=dict(params),
+        params=scrub(dict(params)),
         status=result.status,
         metrics=dict(result.metrics),
         intermediate=list(result.intermediate),
@@ -253,7 +262,7 @@ def _trial_record(
     name = f"trial-{spec.number:04d}"
     if result is None:
         record = StepRecord(
-            "trial", name, dict(spec.params), "failed", reason="the trial's worker was lost"
+            "trial", name, scrub(dict(spec.params)), "failed", reason="the trial's worker was lost"
         )
         record.script = _is_script(settings.train.label)
     else:
@@ -277,8 +286,7 @@ def _artifact_key(*parts: str) -> str:
 
 def preflight(settings: PipelineSettings, force: bool) -> list[Any]:
     """Check everything a user can get wrong before any trial runs; returns the gates."""
-    settings.train.check()
-    settings.evaluate.check()
+    settings.check()
     check_tracking(settings.tracking.enabled())
     SearchSpace.load(settings.space)
     gates = gates_mod.parse_gates(settings.gates)
@@ -312,16 +320,16 @@ def pipeline(
         force: Submit without a PIN even when one is set (written to the audit log).
     """
     try:
-        resolved = load_pipeline_settings(config, settings)
+        # secrets the CLI kept out of this flow run's recorded parameters come back here
+        resolved = load_pipeline_settings(config, take_over(settings))
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
             return deferred
         return _pipeline(resolved, force)
-    except ExpflowError as exc:
-        # A user-facing outcome (bad input, failed gate, no successful trial): one
-        # line in the log and the run's state message, no traceback.
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+    except Exception as exc:
+        # A user-facing outcome (bad input, failed gate, no successful trial, a full
+        # disk): one line in the log and the run's state message, no traceback.
+        return failed_outcome(exc, runs_root())
 
 
 def _pipeline(settings: PipelineSettings, force: bool) -> dict[str, Any]:
@@ -367,19 +375,25 @@ def _stages(
 
     # --- HPO: a nested flow so its task runner can follow this run's cluster settings.
     # Its parameters are stored by Prefect: tracking settings (keys) stay out of them.
-    hpo_settings = settings.model_copy(update={"tracking": TrackingSettings()})
+    # Secret params are not: they are sealed in this process and reach the trials only.
+    masked_params, secrets_ref = seal(settings.params)
+    hpo_settings = settings.model_copy(
+        update={"tracking": TrackingSettings(), "params": masked_params}
+    )
     try:
         study = hpo_flow.with_options(task_runner=task_runner(settings.cluster))(
-            hpo_settings, str(experiment_dir), str(run_dir.path)
+            hpo_settings, str(experiment_dir), str(run_dir.path), secrets_ref
         )
     finally:
         # The HPO stage's threads are gone once its flow returned or raised: a stop it
         # asked for must not reach later callables of this process.
         trainable_mod.clear_stop()
-    best_params = {**settings.params, **study["best_params"]}
+        release(secrets_ref)
+    best_params = {**settings.params, **study["best_params"]}  # what train and evaluate get
+    shown_params = scrub(best_params)  # what every record and report shows
     create_markdown_artifact(
         key=_artifact_key(experiment, "best-params"),
-        markdown=_best_markdown(study, best_params, settings),
+        markdown=_best_markdown(study, shown_params, settings),
         description="Best parameters found by HPO",
     )
 
@@ -396,7 +410,7 @@ def _stages(
             launch=settings.train.launch(),
         )
     )
-    tracking.record(_step_record("train", "train", best_params, trained, settings.train.label))
+    tracking.record(_step_record("train", "train", shown_params, trained, settings.train.label))
     if not trained.ok:
         raise ExpflowError(
             f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
@@ -415,7 +429,7 @@ def _stages(
         )
     )
     evaluation = _step_record(
-        "evaluate", "evaluate", best_params, evaluated, settings.evaluate.label
+        "evaluate", "evaluate", shown_params, evaluated, settings.evaluate.label
     )
     predictions = (
         submission.find_predictions(
@@ -460,7 +474,7 @@ def _stages(
         "trials": {k: study[k] for k in ("complete", "pruned", "failed")},
         "best_trial": study["best_trial"],
         "best_value": study["best_value"],
-        "best_params": best_params,
+        "best_params": shown_params,
         "train_run": str(trained.run_dir),
         "eval_run": str(evaluated.run_dir),
         "metrics": evaluated.metrics,
@@ -474,14 +488,14 @@ def _stages(
     failed = [r for r in results if not r.passed]
     bundle: Path | None = None
     if not failed and settings.submit.enabled:
-        bundle = submit_bundle(settings, evaluated, best_params, study, force, predictions)
+        bundle = submit_bundle(settings, evaluated, shown_params, study, force, predictions)
         summary["bundle"] = str(bundle)
     run_dir.write_metrics(evaluated.metrics)
     llm = llm_calls.summarize([*study.get("trial_dirs", []), trained.run_dir, evaluated.run_dir])
     summary["llm"] = llm.to_dict()
     summary["ledger_id"] = record_outputs(
         str(flow_run.get_id() or ""),
-        params=best_params,
+        params=shown_params,
         metrics={**evaluated.metrics, **llm.metrics()},
         run_dir=str(run_dir.path),
     )

@@ -27,18 +27,17 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from expflow_flows.errors import ExpflowError
 from expflow_flows.flows.clusters import dask_client
 from expflow_flows.flows.ledger_hooks import describe_sweep, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
+from expflow_flows.flows.outcomes import failed_outcome
 from expflow_flows.home import runs_root
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
 from expflow_flows.runs.metadata import capture_environment
-from expflow_flows.secrets import scrub
+from expflow_flows.secrets import scrub, take_over
 from expflow_flows.settings.base import overrides_model
 from expflow_flows.settings.sweep import SweepSettings, load_sweep_settings
 from expflow_flows.sweep.execute import ChunkRunner
@@ -86,22 +85,21 @@ def sweep(
             {"cluster": {"workers": 4}, "force": true}.
     """
     try:
-        resolved = load_sweep_settings(config, settings)
+        # secrets the CLI kept out of this flow run's recorded parameters come back here
+        resolved = load_sweep_settings(config, take_over(settings))
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
             return deferred
         return run_sweep(resolved)
-    except ExpflowError as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+    except Exception as exc:
+        return failed_outcome(exc, runs_root())
 
 
 def preflight(settings: SweepSettings) -> SweepSpace:
     """Check what a user can get wrong before anything starts: the space, the trainables,
     the tracking tools; returns the space."""
     space = SweepSpace.load(settings.space)
-    for step in settings.chain():
-        step.check()
+    settings.check()
     check_tracking(settings.tracking.enabled())
     return space
 
@@ -175,15 +173,17 @@ def _run_sweep(
     flow_run_id = str(flow_run.get_id() or "")
     t0 = time.perf_counter()
     pending, total, current = plan_combinations(settings, space, store, sweep_dir)
-    metadata = {
-        "flow_run_id": flow_run_id,
-        "config": scrub(settings.to_dict()),
-        "space": space.to_dict(),
-        "combinations": total,
-        "inputs": input_checksums(settings),
-        "environment": capture_environment(),
-        "planned_s": round(time.perf_counter() - t0, 3),
-    }
+    metadata = scrub(
+        {
+            "flow_run_id": flow_run_id,
+            "config": settings.to_dict(),
+            "space": space.to_dict(),  # fixed params may be secrets
+            "combinations": total,
+            "inputs": input_checksums(settings),
+            "environment": capture_environment(),
+            "planned_s": round(time.perf_counter() - t0, 3),
+        }
+    )
     (sweep_dir / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     store.set_meta("sweep", metadata)
     logger.info(

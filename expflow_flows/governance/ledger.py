@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -45,7 +46,7 @@ from expflow_flows.sqlite import (
 )
 
 LEDGER_ENV = "EXPFLOW_LEDGER"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the processes table (reconciling runs whose process died)
 MIN_PREFIX = 6
 _ID_EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 _ID_RE = re.compile(r"^[0-9]{1,19}$")
@@ -83,12 +84,46 @@ _SCHEMA: tuple[str, ...] = (
         message TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS transitions_experiment ON transitions (experiment_id, seq)",
+    # The process a RUNNING experiment runs in: when it is gone, the run crashed.
+    """CREATE TABLE IF NOT EXISTS processes (
+        experiment_id INTEGER PRIMARY KEY REFERENCES experiments (id) ON DELETE CASCADE,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started TEXT NOT NULL DEFAULT ''
+    )""",
 )
 
 _COLUMNS = (
     "id, name, kind, trainable, params, metrics, tags, state, flow_run_id, run_dir, "
     "created_at, updated_at, message"
 )
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, as the kernel counts it ('' where unknown): a pid
+    reused by another process has another start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_alive(pid: int, started: str) -> bool:
+    """Whether process ``pid`` (started at ``started``) still runs on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    if started and process_start(int(pid)) not in ("", started):
+        return False  # the pid now belongs to another process
+    return True
 
 
 # --- ids -----------------------------------------------------------------------------
@@ -520,6 +555,46 @@ class Ledger:
             return self._fetch(conn, eid)
 
         return self._run(work)
+
+    def claim(self, exp_id: str | int, *, pid: int | None = None) -> None:
+        """Record that this process (or ``pid``) on this host runs the experiment."""
+        pid = os.getpid() if pid is None else int(pid)
+        host = socket.gethostname()
+        started = process_start(pid)
+
+        def work(conn: sqlite3.Connection) -> None:
+            eid = self._resolve(conn, exp_id)
+            conn.execute(
+                "INSERT OR REPLACE INTO processes (experiment_id, host, pid, started) "
+                "VALUES (?, ?, ?, ?)",
+                (eid, host, pid, started),
+            )
+
+        self._run(work)
+
+    def reconcile(self) -> list[Experiment]:
+        """Fail the RUNNING experiments of this host whose process is gone (killed, the
+        machine rebooted): nothing else would ever end them. Returns those failed."""
+        host = socket.gethostname()
+
+        def running(conn: sqlite3.Connection) -> list[tuple[int, int, str]]:
+            return conn.execute(
+                "SELECT e.id, p.pid, p.started FROM experiments e "
+                "JOIN processes p ON p.experiment_id = e.id "
+                "WHERE e.state IN ('RUNNING', 'CANCEL_PENDING') AND p.host = ?",
+                (host,),
+            ).fetchall()
+
+        ended = []
+        for eid, pid, started in self._run(running, begin="deferred"):
+            if process_alive(pid, started):
+                continue
+            message = f"crashed: its process (pid {pid} on {host}) is gone"
+            try:
+                ended.append(self.move_to(eid, fsm.FAILED, message=message))
+            except (ExpflowError, fsm.IllegalTransition):
+                continue  # moved on meanwhile
+        return ended
 
     def update(
         self,

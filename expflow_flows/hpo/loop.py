@@ -10,6 +10,8 @@ in this process's threads to stop.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +98,17 @@ def run_study(
     Returns the progress counts and this call's trial folders.
     """
     space = SearchSpace.load(settings.space)
+    target = settings.hpo.n_trials
+    stale = hpo.fail_stale_trials(study, now=time.time(), stale_after=hpo.STALE_AFTER_S)
+    if stale:
+        log(f"trials {stale} had stopped sending heartbeats (killed?): marked failed")
     already = hpo.finished_count(study)
-    remaining = max(settings.hpo.n_trials - already, 0)
     if already:
         log(
-            f"study {study.study_name!r} resumed with {already} finished trials; {remaining} to run"
+            f"study {study.study_name!r} resumed with {already} finished trials; "
+            f"{max(target - already, 0)} to run"
         )
-    counts = progress.TrialProgress(study=study.study_name, target=settings.hpo.n_trials)
+    counts = progress.TrialProgress(study=study.study_name, target=target)
     for t in study.get_trials(deepcopy=False):
         state = t.state.name
         counts.complete += state == "COMPLETE"
@@ -115,16 +121,28 @@ def run_study(
             counts.best_value, counts.best_params = best.value, dict(best.params)
         progress.publish(counts)
 
+    def room() -> bool:
+        # Re-read before each ask: another run may share the study.
+        return hpo.taken_count(study) < target
+
     refresh()
     in_flight: dict[Any, tuple[Any, TrialSpec]] = {}
-    launched = 0
     trial_dirs: list[str] = []
     trainable_mod.clear_stop()
+    beats = _Heartbeats(study, in_flight)
+    beats.start()
     try:
-        while launched < remaining or in_flight:
-            while launched < remaining and len(in_flight) < settings.cluster.workers:
+        while in_flight or room():
+            while len(in_flight) < settings.cluster.workers and room():
                 trial = study.ask()
                 trial.set_user_attr("flow_run_id", flow_run_id)
+                trial.set_user_attr(hpo.HEARTBEAT_ATTR, time.time())
+                if _surplus(study, trial.number, target):
+                    # Two runs asked at once and the study is full: this trial never runs.
+                    trial.set_user_attr("reason", f"surplus: the study already has {target}")
+                    trial.set_user_attr(hpo.INFRA_ATTR, True)
+                    study.tell(trial, state=_fail_state())
+                    break
                 spec = TrialSpec(
                     number=trial.number,
                     trial_id=trial._trial_id,
@@ -133,9 +151,10 @@ def run_study(
                 )
                 trial_dirs.append(spec.run_dir)
                 in_flight[launcher.start(spec)] = (trial, spec)
-                launched += 1
                 counts.running = len(in_flight)
                 refresh()
+            if not in_flight:
+                break
             handle = launcher.next_finished(list(in_flight))
             trial, spec = in_flight.pop(handle)
             result: RunResult | None = None
@@ -157,7 +176,54 @@ def run_study(
         # stop at their next report instead of holding the process open.
         trainable_mod.request_stop()
         raise
+    finally:
+        beats.stop()
     return counts, trial_dirs
+
+
+def _fail_state() -> Any:
+    import optuna
+
+    return optuna.trial.TrialState.FAIL
+
+
+def _surplus(study: Any, number: int, target: int) -> bool:
+    """Whether trials numbered before ``number`` already fill the study (counting those
+    finished and those running), so that this one would overshoot ``n_trials``."""
+    taken = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= number or t.user_attrs.get(hpo.INFRA_ATTR):
+            continue
+        if t.state.name == "RUNNING" or t.state.name in hpo.FINISHED_STATES:
+            taken += 1
+    return taken >= target
+
+
+class _Heartbeats:
+    """Renews the heartbeat of this run's running trials, and fails other runs' trials
+    whose heartbeat stopped, every ``HEARTBEAT_S`` seconds."""
+
+    def __init__(self, study: Any, in_flight: dict[Any, tuple[Any, TrialSpec]]) -> None:
+        self.study, self.in_flight = study, in_flight
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="expflow-heartbeat")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(hpo.HEARTBEAT_S):
+            try:
+                now = time.time()
+                for trial, _ in list(self.in_flight.values()):
+                    trial.set_user_attr(hpo.HEARTBEAT_ATTR, now)
+                hpo.fail_stale_trials(self.study, now=now, stale_after=hpo.STALE_AFTER_S)
+            except Exception:  # noqa: BLE001 - a busy storage is tried again next beat
+                continue
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
 
 
 def conclude(

@@ -23,8 +23,34 @@ if TYPE_CHECKING:
 
 URL_RE = re.compile(r"^[a-z][a-z0-9+]*://", re.IGNORECASE)
 
-# Trials finished in any of these states count towards ``n_trials``.
+# Trials finished in any of these states count towards ``n_trials`` (but see INFRA_ATTR).
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+# A trial failed by the machine, not by its parameters (a full disk, a lost worker, a killed
+# process, a surplus trial of two runs sharing the study) carries this user attribute and does
+# not use up ``n_trials``: a re-run finishes the study.
+INFRA_ATTR = "infrastructure_failure"
+# Every running trial's heartbeat (a Unix time user attribute), renewed by the run that owns it.
+HEARTBEAT_ATTR = "heartbeat"
+HEARTBEAT_S = 15.0
+# A running trial whose heartbeat is older than this is dead (its process was killed).
+STALE_AFTER_S = 90.0
+_INFRA_WORDS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "disk is full",
+    "database or disk is full",
+    "disk i/o error",
+    "worker was lost",
+    "killedworker",
+    "killed by signal 9",
+    "its process stopped",
+)
+
+
+def is_infrastructure_failure(reason: str) -> bool:
+    """Whether a failure's reason says the machine failed (disk, lost worker, killed)."""
+    low = reason.lower()
+    return any(word in low for word in _INFRA_WORDS)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -45,7 +71,62 @@ def open_storage(storage: str | None) -> Any:
             raise ExpflowError(f"Optuna storage {target!r} cannot be opened: {exc}") from None
     path = Path(target).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(path)
+    repair_journal(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def repair_journal(journal: Path) -> int:
+    """Cut a journal's unfinished last line (a write cut short by a full disk or a kill),
+    which Optuna cannot parse, so the study opens again; returns the bytes cut.
+
+    Skipped while another process holds the journal's lock (it may be mid-append)."""
+    if Path(str(journal) + ".lock").is_symlink() or Path(str(journal) + ".lock").exists():
+        return 0
+    try:
+        with open(journal, "rb+") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            keep = 0
+            chunk = 1 << 16
+            pos = size
+            while pos > 0 and not keep:
+                start = max(0, pos - chunk)
+                f.seek(start)
+                block = f.read(pos - start)
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    keep = start + cut + 1
+                pos = start
+            f.truncate(keep)
+            return size - keep
+    except FileNotFoundError:
+        return 0
+
+
+# The journal's lock is held for the milliseconds one append takes; one older than this
+# was left by a process killed while holding it (Optuna itself waits 30 s before breaking it).
+STALE_LOCK_S = 3.0
+
+
+def clear_stale_lock(journal: Path, *, now: float | None = None) -> bool:
+    """Remove the journal's lock file when a killed process left it; True when removed."""
+    lock = Path(str(journal) + ".lock")
+    try:
+        age = (time.time() if now is None else now) - lock.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= STALE_LOCK_S:
+        return False
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return False  # its holder released it meanwhile
+    return True
 
 
 def make_pruner(name: str) -> Any:
@@ -71,7 +152,7 @@ def open_study(
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
+    sampler = _sampler(seed)
     store = open_storage(storage)
     for attempt in range(3):
         try:
@@ -97,6 +178,29 @@ def open_study(
     return study
 
 
+def _sampler(seed: int | None) -> Any:
+    """TPE whose random stream is seeded per trial, from the seed and the trial's number.
+
+    A sampler seeded once replays the same stream in every process: a resumed study
+    asked its first trials' parameters again, and two runs sharing a study asked the same
+    ones. Trial numbers are unique in a study, so each trial gets its own stream; a fresh
+    study with the same seed still gets the same trials.
+    """
+    import optuna
+
+    class TrialSeededTPESampler(optuna.samplers.TPESampler):
+        def before_trial(self, study: optuna.Study, trial: Any) -> None:
+            if seed is not None:
+                derived = (int(seed) * 1_000_003 + int(trial.number) * 7_919) % (2**32)
+                for owner in (self, getattr(self, "_random_sampler", None)):
+                    rng = getattr(owner, "_rng", None)
+                    if rng is not None and hasattr(rng, "rng"):
+                        rng.rng.seed(derived)
+            super().before_trial(study, trial)
+
+    return TrialSeededTPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
+
+
 def load_study(storage: str | None, study_name: str, pruner: str = "median") -> optuna.Study:
     """Load an existing study (in another process, e.g. a Dask worker)."""
     import optuna
@@ -108,8 +212,42 @@ def load_study(storage: str | None, study_name: str, pruner: str = "median") -> 
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that ended (complete, pruned or failed): they count towards ``n_trials``."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED_STATES)
+    """Trials that ended (complete, pruned or failed by their parameters): they count
+    towards ``n_trials``; a trial the machine failed (INFRA_ATTR) does not."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name in FINISHED_STATES and not t.user_attrs.get(INFRA_ATTR)
+    )
+
+
+def taken_count(study: optuna.Study) -> int:
+    """Trials that count towards ``n_trials`` now: finished ones and running ones."""
+    return finished_count(study) + sum(
+        1 for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
+    )
+
+
+def fail_stale_trials(study: optuna.Study, *, now: float, stale_after: float) -> list[int]:
+    """Fail running trials whose heartbeat stopped (their process was killed); they are
+    infrastructure failures and do not use up ``n_trials``. Returns their numbers."""
+    stale = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name != "RUNNING":
+            continue
+        beat = t.user_attrs.get(HEARTBEAT_ATTR)
+        if beat is None and t.datetime_start is not None:
+            beat = t.datetime_start.timestamp()
+        if beat is not None and now - float(beat) > stale_after:
+            stale.append(t.number)
+    if stale:
+        fail_abandoned(
+            study,
+            stale,
+            f"its process stopped: no heartbeat for over {stale_after:g} s",
+            infrastructure=True,
+        )
+    return stale
 
 
 def running_trials_by_run(study: optuna.Study) -> dict[str, list[int]]:
@@ -122,15 +260,23 @@ def running_trials_by_run(study: optuna.Study) -> dict[str, list[int]]:
     return out
 
 
-def fail_abandoned(study: optuna.Study, numbers: list[int], reason: str) -> None:
-    """Mark trials whose run is gone as failed, so they stop looking alive."""
+def fail_abandoned(
+    study: optuna.Study, numbers: list[int], reason: str, *, infrastructure: bool = True
+) -> None:
+    """Mark trials whose run is gone as failed, so they stop looking alive; a run that
+    died is the machine's failure, so by default they do not use up ``n_trials``."""
     import optuna
 
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     for number in numbers:
         trial = by_number[number]
         study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-        study.tell(number, state=optuna.trial.TrialState.FAIL)
+        if infrastructure:
+            study._storage.set_trial_user_attr(trial._trial_id, INFRA_ATTR, True)
+        try:
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            pass  # another run told it first
 
 
 def report_hook(
@@ -175,6 +321,7 @@ def tell_result(
     if result is None:
         reason = error or "the trial's task did not return"
         trial.set_user_attr("reason", reason)
+        trial.set_user_attr(INFRA_ATTR, True)  # a lost worker, not the parameters
         study.tell(trial, state=TrialState.FAIL)
         return "fail"
     if result.status == "pruned":
@@ -183,6 +330,8 @@ def tell_result(
         return "pruned"
     if not result.ok:
         trial.set_user_attr("reason", result.reason)
+        if is_infrastructure_failure(result.reason):
+            trial.set_user_attr(INFRA_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)
         return "fail"
     value = result.metrics.get(objective)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from expflow_flows import atomic
+from expflow_flows.secrets import scrub
 
 STATUSES = ("ok", "warning", "pruned", "failed")
 
@@ -44,7 +45,9 @@ class RunDir:
         return self.path / "output.log"
 
     def write_params(self, params: dict[str, Any]) -> None:
-        atomic.write_json(self.path / "params.json", params)
+        """The run's params as a record: secret-looking values are masked (the run itself
+        gets them from its caller, never from this file)."""
+        atomic.write_json(self.path / "params.json", scrub(params))
 
     def write_metrics(self, metrics: dict[str, float]) -> None:
         atomic.write_json(self.path / "metrics.json", metrics)

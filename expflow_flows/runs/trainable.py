@@ -34,19 +34,21 @@ import re
 import resource
 import shlex
 import subprocess
+import sys
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from expflow_flows.errors import ExpflowError
+from expflow_flows.errors import ExpflowError, disk_full
 from expflow_flows.runs import llm_calls
 from expflow_flows.runs.launch import Launch
 from expflow_flows.runs.rundir import RunDir
+from expflow_flows.secrets import mask_command
 
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 METRIC_LINE_RE = re.compile(r"^\s*EXPFLOW_METRIC\s+(?P<body>.+?)\s*$")
@@ -360,6 +362,40 @@ def run_trainable(
     Never raises for a failing trainable: the failure is in the result and in the
     run directory's ``status`` file.
     """
+    try:
+        return _run_trainable(
+            trainable,
+            params,
+            run_dir,
+            budget,
+            upstream,
+            hook,
+            timeout,
+            arg_style,
+            extra_env,
+            launch,
+        )
+    except OSError as exc:
+        full = disk_full(exc, run_dir)
+        if full is None:
+            raise
+        # Nothing more can be written there: the result says why, and the HPO loop does
+        # not count the trial (an infrastructure failure).
+        return RunResult(Path(run_dir), "failed", {}, str(full))
+
+
+def _run_trainable(
+    trainable: str | Trainable,
+    params: dict[str, Any],
+    run_dir: Path | str,
+    budget: Budget | dict | None,
+    upstream: Path | str | None,
+    hook: ReportHook | None,
+    timeout: float | None,
+    arg_style: ArgStyle,
+    extra_env: dict[str, str] | None,
+    launch: Launch | dict[str, Any] | None,
+) -> RunResult:
     how = Launch.from_value(launch)
     if how.command:
         spec = Trainable(str(trainable) if trainable else shlex.join(how.command), "command")
@@ -433,7 +469,77 @@ class _LogHandler(logging.Handler):
             self.stream.write(self.format(record) + "\n")
 
 
-_capture_lock = threading.Lock()
+class _Router(io.TextIOBase):
+    """sys.stdout/sys.stderr while callables run: each thread running a callable writes to
+    its own run's log; every other thread writes where the stream went before."""
+
+    def __init__(self, fallback: Any) -> None:
+        self.fallback = fallback
+
+    def _target(self) -> Any:
+        return getattr(_capture, "log", None) or self.fallback
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(Exception):
+            self._target().flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+
+_capture = threading.local()
+_route_lock = threading.Lock()
+_routing: dict[str, Any] = {"active": 0}
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    caught = getattr(_capture, "caught", None)
+    if caught is not None:
+        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        return
+    _routing["showwarning"](message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def _captured(log: Any) -> Iterator[list[warnings.WarningMessage]]:
+    """This thread's prints, log records and warnings go to ``log`` (and the list yielded),
+    while other threads' callables capture theirs at the same time."""
+    with _route_lock:
+        if _routing["active"] == 0:
+            saved = warnings.catch_warnings()
+            saved.__enter__()
+            warnings.simplefilter("always")
+            _routing.update(
+                warnings_cm=saved,
+                showwarning=warnings.showwarning,
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+            )
+            warnings.showwarning = _route_warning
+            sys.stdout, sys.stderr = _Router(sys.stdout), _Router(sys.stderr)
+        _routing["active"] += 1
+    _capture.log, _capture.caught = log, []
+    handler = _LogHandler(log)
+    me = threading.get_ident()
+    handler.addFilter(lambda record: record.thread == me)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield _capture.caught
+    finally:
+        root.removeHandler(handler)
+        _capture.log = _capture.caught = None
+        with _route_lock:
+            _routing["active"] -= 1
+            if _routing["active"] == 0:
+                sys.stdout, sys.stderr = _routing["stdout"], _routing["stderr"]
+                _routing["warnings_cm"].__exit__(None, None, None)
 
 
 def _run_callable(
@@ -453,45 +559,37 @@ def _run_callable(
     status: Status = "ok"
     reason = ""
     metrics: dict[str, float] = {}
-    # stdout/stderr redirection is process-wide, so callables that share a process
-    # (thread runners) are captured one at a time.
-    with _capture_lock, open(rd.log_path, "a", encoding="utf-8") as log:
-        handler = _LogHandler(log)
-        root = logging.getLogger()
-        root.addHandler(handler)
+    # Callables sharing a process (the threads runner) run at the same time: each thread's
+    # output is routed to its own run's log.
+    with open(rd.log_path, "a", encoding="utf-8") as log, _captured(log) as caught:
         old_env = {k: os.environ.get(k) for k in ("EXPFLOW_RUN_DIR",)}
-        os.environ["EXPFLOW_RUN_DIR"] = str(rd.path)
+        os.environ["EXPFLOW_RUN_DIR"] = str(rd.path)  # one process: the last run started
         try:
-            with (
-                contextlib.redirect_stdout(log),
-                contextlib.redirect_stderr(log),
-                warnings.catch_warnings(record=True) as caught,
-            ):
-                warnings.simplefilter("always")
-                try:
-                    fn = resolve_callable(spec.spec)
-                    raw = fn(dict(params), ctx) if _takes_run(fn) else fn(dict(params))
-                    metrics = _clean_metrics(raw, f"trainable {spec.spec!r}")
-                    if not metrics:
-                        raise _RunFailure(f"trainable {spec.spec!r} reported no metrics")
-                except Pruned as exc:
-                    status, reason = "pruned", str(exc)
-                except _Stopped as exc:
-                    status, reason = "failed", str(exc)
-                except _RunFailure as exc:
-                    status, reason = "failed", str(exc)
-                except ExpflowError as exc:
-                    status, reason = "failed", str(exc)
-                except BaseException as exc:  # noqa: BLE001 - a trainable's crash is its result
-                    if isinstance(exc, KeyboardInterrupt):
-                        raise
-                    traceback.print_exc(file=log)
-                    status, reason = "failed", f"raised {type(exc).__name__}: {exc}"
+            try:
+                fn = resolve_callable(spec.spec)
+                raw = fn(dict(params), ctx) if _takes_run(fn) else fn(dict(params))
+                metrics = _clean_metrics(raw, f"trainable {spec.spec!r}")
+                if not metrics:
+                    raise _RunFailure(f"trainable {spec.spec!r} reported no metrics")
+            except Pruned as exc:
+                status, reason = "pruned", str(exc)
+            except _Stopped as exc:
+                status, reason = "failed", str(exc)
+            except _RunFailure as exc:
+                status, reason = "failed", str(exc)
+            except ExpflowError as exc:
+                status, reason = "failed", str(exc)
+            except BaseException as exc:  # noqa: BLE001 - a trainable's crash is its result
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                traceback.print_exc(file=log)
+                status, reason = "failed", f"raised {type(exc).__name__}: {exc}"
             for w in caught:
                 log.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
         finally:
-            root.removeHandler(handler)
             for key, value in old_env.items():
+                if os.environ.get(key) != str(rd.path):
+                    continue  # another run set it since
                 if value is None:
                     os.environ.pop(key, None)
                 else:
@@ -605,7 +703,7 @@ def _run_process(
     except (_RunFailure, ExpflowError) as exc:
         rd.log_path.write_text(f"expflow: {exc}\n", encoding="utf-8")
         return {"status": "failed", "reason": str(exc), "metrics": {}, "intermediate": []}
-    meta["command"] = cmd
+    meta["command"] = mask_command(cmd)  # the process gets the real values; the record does not
     meta["cwd"] = str(cwd or os.getcwd())
     if placed:
         meta["from_upstream"] = placed

@@ -143,7 +143,7 @@ def overrides_model(model: type[Settings]) -> type[Overrides]:
 def error_line(exc: ValidationError, what: str) -> str:
     """A pydantic error as one line: the field, the bad value, what is accepted."""
     err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"] if not _is_branch(p))
+    loc = ".".join(_loc_part(p) for p in err["loc"] if not _is_branch(p))
     value = err.get("input")
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -159,6 +159,15 @@ def error_line(exc: ValidationError, what: str) -> str:
     if isinstance(value, dict):
         return f"{what} setting {loc}: {message}"
     return f"{what} setting {loc}={_short(value)}: {message}"
+
+
+def _loc_part(part: Any) -> str:
+    """A location part as written in a dotted key; a mapping key that could not be one
+    (spaces, dots, control characters) is quoted, so the error stays one line."""
+    text = str(part)
+    if isinstance(part, int) or re.fullmatch(r"[\w-]+", text, re.ASCII):
+        return text
+    return repr(text)
 
 
 def _is_branch(part: Any) -> bool:
@@ -274,10 +283,20 @@ def relative_trainable(base: Path, section: dict[str, Any]) -> None:
         metrics["reader"] = relative_function(base, metrics["reader"])
 
 
+# What an empty config file is told a minimal one holds (an empty file is a mistake:
+# it would silently run the built-in defaults).
+MINIMAL_CONFIG = {
+    "pipeline": "a minimal one holds e.g. 'experiment: my-study' and 'train: pkg.module:train' "
+    "(or run without --config for the built-in PDE workload)",
+    "sweep": "a minimal one holds e.g. 'trainable: train.py' and 'space: space.yaml'",
+}
+
+
 def read_settings_file(path: str | Path, what: str) -> tuple[dict[str, Any], Path]:
-    """A YAML settings file as a mapping (empty means all defaults), and its folder."""
+    """A YAML settings file as a mapping, and its folder; an empty file is an error."""
     p = Path(path).expanduser()
-    data = read_mapping(p, f"{what} config", mapping="a mapping of settings", allow_empty=True)
+    hint = MINIMAL_CONFIG.get(what, "give at least one setting")
+    data = read_mapping(p, f"{what} config", hint, mapping="a mapping of settings")
     return data, p.parent
 
 

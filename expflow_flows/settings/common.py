@@ -6,12 +6,17 @@ One vocabulary for both: ``cluster.kind`` / ``cluster.workers`` / ``cluster.addr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shlex
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
+from expflow_flows.errors import ExpflowError
 from expflow_flows.settings.base import Settings
 
 Direction = Literal["minimize", "maximize"]
@@ -19,13 +24,69 @@ ArgStyle = Literal["argparse", "equals", "hydra"]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-def _plain_name(value: str) -> str:
-    if ".." in value or "/" in value or "\\" in value:
-        raise ValueError("expected a name without '/' or '..'")
+# One rule for every name that becomes a folder, a file or a study: experiments, sweeps,
+# steps, studies. ASCII only, so a name is the same on every file system and in every tool.
+MAX_NAME_LENGTH = 100
+NAME_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9._-]{{0,{MAX_NAME_LENGTH - 1}}}")
+NAME_RULE = (
+    "letters, digits, '_', '-' and '.', starting with a letter, digit or '_', "
+    f"at most {MAX_NAME_LENGTH} characters, e.g. 'pde-advection'"
+)
+
+
+def check_name(value: str) -> str:
+    """``value`` if it is a safe name (see ``NAME_RULE``), else a ValueError saying the rule."""
+    if not NAME_RE.fullmatch(value) or ".." in value:
+        raise ValueError(f"expected a name without '/', '..' or spaces: {NAME_RULE}")
     return value
 
 
-Name = Annotated[str, Field(min_length=1), AfterValidator(_plain_name)]
+Name = Annotated[str, AfterValidator(check_name)]
+
+# A metric is named by whatever the code reports (EXPFLOW_METRIC lines, JSON keys,
+# TensorBoard tags such as 'val/loss'), so only what can never be a metric name is refused.
+MAX_METRIC_LENGTH = 200
+METRIC_RE = re.compile(rf"[^\s=]{{1,{MAX_METRIC_LENGTH}}}")
+
+
+def check_metric(value: str) -> str:
+    """``value`` if it can name a metric, else a ValueError saying what can."""
+    if not METRIC_RE.fullmatch(value) or not value.isprintable():
+        raise ValueError(
+            f"expected a metric name: 1 to {MAX_METRIC_LENGTH} printable characters without "
+            "spaces or '=', e.g. val_loss"
+        )
+    return value
+
+
+Metric = Annotated[str, AfterValidator(check_metric)]
+
+# The built-in PDE workload's train trainable and the metrics it returns (its HPO
+# objective must be one of them); settings name it as data, never import it.
+PDE_TRAIN = "expflow_flows.pde.trainables:train"
+PDE_TRAIN_METRICS = (
+    "val_nrmse",
+    "val_rmse",
+    "train_loss",
+    "train_time_s",
+    "best_epoch",
+    "epochs",
+    "n_params",
+)
+
+
+def check_known_objective(objective: str | None, targets: list[str | None]) -> None:
+    """One line when trainables of known metrics (the PDE workload's) never report the
+    objective; any other trainable's metrics cannot be known before it runs."""
+    if objective is None or not targets or any(t != PDE_TRAIN for t in targets):
+        return
+    if objective not in PDE_TRAIN_METRICS:
+        raise ExpflowError(
+            f"objective {objective!r} is not a metric of {PDE_TRAIN}; it reports "
+            + ", ".join(PDE_TRAIN_METRICS)
+        )
+
+
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _MEM_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
@@ -42,6 +103,61 @@ def parse_memory(value: Any) -> float:
     if "i" in unit:
         base = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit[0]]
     return float(m.group(1)) * base
+
+
+@contextlib.contextmanager
+def _trial_folder(folder: Path) -> Iterator[None]:
+    """``folder`` made for the block (OSError if it cannot be); what was made is removed
+    again, so a refused run leaves nothing behind."""
+    made = []
+    parent = folder
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield
+    finally:
+        for path in made:  # the deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                break
+
+
+def _refusal(what: str, value: str, thing: str, exc: OSError, hint: str) -> ExpflowError:
+    why = exc.strerror or type(exc).__name__
+    return ExpflowError(
+        f"{what} {value!r}: the {thing} cannot be created or written ({why}); {hint}"
+    )
+
+
+def writable_folder(value: str, what: str, hint: str) -> None:
+    """One line unless folder ``value`` exists or can be made, and can be written to."""
+    import tempfile
+
+    folder = Path(value).expanduser()
+    try:
+        with _trial_folder(folder), tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise _refusal(what, value, "folder", exc, hint) from None
+
+
+def writable_file(value: str, what: str, hint: str) -> None:
+    """One line unless file ``value`` exists or can be created (in a folder that can be made)."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ExpflowError(f"{what} {value!r} is a folder, not a file; {hint}")
+    existed = path.exists()
+    try:
+        with _trial_folder(path.parent):
+            with open(path, "ab"):
+                pass
+            if not existed:
+                path.unlink()
+    except OSError as exc:
+        raise _refusal(what, value, "file", exc, hint) from None
 
 
 class BudgetSettings(Settings):
@@ -215,7 +331,21 @@ class TrainableSettings(Settings):
         from expflow_flows.runs.trainable import Trainable
 
         if self.target is not None:
-            Trainable.parse(self.target).check()
+            trainable = Trainable.parse(self.target)
+            trainable.check()
+            script = Path(trainable.spec).expanduser()
+            # A script other than Python runs as a program unless an interpreter is named.
+            if (
+                trainable.kind == "script"
+                and script.suffix != ".py"
+                and self.interpreter is None
+                and not os.access(script, os.X_OK)
+            ):
+                raise ExpflowError(
+                    f"trainable script {self.target!r} is not executable; make it so "
+                    f"(chmod +x {shlex.quote(self.target)}) or name its interpreter, "
+                    "e.g. interpreter: bash"
+                )
         Launch.from_value(self.launch()).check_command()
 
     def launch(self) -> dict[str, Any]:
@@ -270,6 +400,56 @@ class SlurmSettings(Settings):
         return value
 
 
+# Seconds a preflight waits for a Dask scheduler to answer (Dask itself waits 30 s).
+CONNECT_TIMEOUT_S = 5.0
+NETWORK_SCHEMES = ("tcp", "tls", "ws", "wss")
+DASK_SCHEMES = (*NETWORK_SCHEMES, "ucx")
+ADDRESS_FORMS = (
+    "tcp://host:port (or tls://, ucx://, ws://, wss://), inproc://..., "
+    "or a scheduler file path ending in .json"
+)
+_HOST_PORT_RE = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+
+
+def _is_scheduler_file(value: str) -> bool:
+    return "://" not in value and value.lower().endswith(".json")
+
+
+def _split_address(value: str) -> tuple[str, str, int]:
+    """``tcp://host:port`` (or ``host:port``, which Dask reads as tcp) → scheme, host, port."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "tcp", value
+    match = _HOST_PORT_RE.fullmatch(rest.rstrip("/"))
+    if match is None:
+        return scheme, "", 0
+    return scheme, match["host"], int(match["port"])
+
+
+def _address_error(value: str) -> str | None:
+    if value.startswith("inproc://"):
+        return None if len(value) > len("inproc://") and value.isprintable() else "no id"
+    if _is_scheduler_file(value):
+        return None if value.isprintable() else "not a path"
+    scheme, host, port = _split_address(value)
+    if scheme not in DASK_SCHEMES:
+        return f"unknown scheme {scheme!r}"
+    if not host or not 1 <= port <= 65535:
+        return "expected host:port with a port from 1 to 65535"
+    return None
+
+
+def check_dask_address(value: str) -> str:
+    """``value`` if it has the form of a Dask scheduler address, else a ValueError."""
+    error = _address_error(value)
+    if error is not None:
+        raise ValueError(f"not a Dask scheduler address ({error}); expected {ADDRESS_FORMS}")
+    return value
+
+
+DaskAddress = Annotated[str, AfterValidator(check_dask_address)]
+
+
 class ClusterSettings(Settings):
     """Where runs execute in parallel: one factory serves the pipeline and the sweep."""
 
@@ -280,10 +460,11 @@ class ClusterSettings(Settings):
         "in Slurm jobs.",
     )
     workers: int = Field(2, ge=1, description="Runs at once (Dask workers, threads or Slurm jobs).")
-    address: str | None = Field(
+    address: DaskAddress | None = Field(
         None,
-        min_length=1,
-        description="Address of an existing Dask scheduler to use instead of a new cluster.",
+        description="An existing Dask scheduler to use instead of a new cluster: "
+        "tcp://host:port (or tls://, ucx://, ws://, wss://), inproc://…, or the path of its "
+        "scheduler file (.json).",
     )
     slurm: SlurmSettings | None = Field(None, description="Slurm job settings (kind 'slurm').")
 
@@ -294,6 +475,53 @@ class ClusterSettings(Settings):
         if self.slurm is not None and self.kind != "slurm":
             raise ValueError(f"slurm settings are given but kind is {self.kind!r}; use 'slurm'")
         return self
+
+    def scheduler_address(self) -> str | None:
+        """The scheduler's address: the one given, or the one its scheduler file holds."""
+        if self.address is None or not _is_scheduler_file(self.address):
+            return self.address
+        import json
+
+        path = Path(self.address).expanduser()
+        try:
+            address = json.loads(path.read_text(encoding="utf-8")).get("address")
+        except FileNotFoundError:
+            raise ExpflowError(
+                f"cluster.address {self.address!r}: the scheduler file does not exist; "
+                "start the scheduler (dask scheduler --scheduler-file FILE) or give tcp://host:port"
+            ) from None
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ExpflowError(
+                f"cluster.address {self.address!r}: not a Dask scheduler file ({exc})"
+            ) from None
+        if not isinstance(address, str) or _address_error(address):
+            raise ExpflowError(
+                f"cluster.address {self.address!r}: the scheduler file holds no address "
+                f"({address!r}); expected one such as tcp://host:port"
+            )
+        return address
+
+    def check(self) -> None:
+        """A scheduler given by address must answer, within a few seconds (one line if not)."""
+        address = self.scheduler_address()
+        if address is None:
+            return
+        scheme, host, port = _split_address(address)
+        if scheme not in NETWORK_SCHEMES:
+            return  # inproc:// lives in this process; ucx:// needs its own stack to probe
+        import socket
+
+        try:
+            socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                why = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+            given = "" if address == self.address else f" (from {self.address})"
+            raise ExpflowError(
+                f"cluster.address {address}{given}: no Dask scheduler answers there ({why}); "
+                "start one (dask scheduler) or leave cluster.address unset for a new cluster"
+            ) from None
 
 
 class OffpeakSettings(Settings):
@@ -318,7 +546,6 @@ class OffpeakSettings(Settings):
 
     @model_validator(mode="after")
     def _check(self) -> OffpeakSettings:
-        from expflow_flows.errors import ExpflowError
         from expflow_flows.governance.offpeak import OffPeakPolicy
 
         try:
@@ -382,7 +609,6 @@ def gate_list(value: Any) -> list[str]:
 
 def check_gates(gates: list[str]) -> list[str]:
     """Each gate must parse (``metric:op:value``)."""
-    from expflow_flows.errors import ExpflowError
     from expflow_flows.metrics.gates import parse_gates
 
     try:

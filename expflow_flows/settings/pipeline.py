@@ -24,13 +24,17 @@ from expflow_flows.settings.common import (
     BudgetSettings,
     ClusterSettings,
     Direction,
+    Metric,
     Name,
     OffpeakSettings,
     PositiveSeconds,
     TrackingSettings,
     TrainableSettings,
     check_gates,
+    check_known_objective,
     gate_list,
+    writable_file,
+    writable_folder,
 )
 
 PDE_SPACE = Path(__file__).resolve().parent.parent / "pde" / "space.yaml"
@@ -57,10 +61,16 @@ RENAMED = {
 }
 
 
+# More trials than this is a typo, not a study (each trial is a run with its own folder).
+MAX_TRIALS = 100_000
+
+
 class HpoSettings(Settings):
     """The HPO stage: an Optuna study of trials of the train trainable."""
 
-    n_trials: int = Field(12, ge=1, description="Finished trials the study should hold.")
+    n_trials: int = Field(
+        12, ge=1, le=MAX_TRIALS, description="Finished trials the study should hold."
+    )
     pruner: Literal["median", "none"] = Field(
         "median", description="Stop unpromising trials early on their intermediate values."
     )
@@ -70,7 +80,7 @@ class HpoSettings(Settings):
         description="Optuna storage: a journal file path or a URL such as postgresql://… "
         "(default: the journal file under the expflow home).",
     )
-    study_name: str | None = Field(None, description="Study name (default: the experiment).")
+    study_name: Name | None = Field(None, description="Study name (default: the experiment).")
     budget: BudgetSettings = Field(
         default_factory=lambda: BudgetSettings(epochs=15), description="Budget of each trial."
     )
@@ -86,7 +96,7 @@ class SubmitSettings(Settings):
     to: str | None = Field(
         None, description="Folder for bundles (default: the expflow home's submissions)."
     )
-    name: str | None = Field(None, description="Bundle name (default: experiment and time).")
+    name: Name | None = Field(None, description="Bundle name (default: experiment and time).")
     predictions: str = Field(
         "pred.hdf5",
         min_length=1,
@@ -127,7 +137,7 @@ class PipelineSettings(Settings):
         default_factory=lambda: {"problem": "advection"},
         description="Fixed parameters given to every run.",
     )
-    objective: str = Field("val_nrmse", min_length=1, description="Metric HPO optimises.")
+    objective: Metric = Field("val_nrmse", description="Metric HPO optimises.")
     direction: Direction = Field("minimize", description="minimize or maximize the objective.")
     hpo: HpoSettings = Field(default_factory=HpoSettings, description="The HPO stage.")
     cluster: ClusterSettings = Field(
@@ -147,6 +157,31 @@ class PipelineSettings(Settings):
     tracking: TrackingSettings = Field(
         default_factory=TrackingSettings, description="Tracking tools the run is mirrored to."
     )
+
+    def check(self) -> None:
+        """What validation cannot see, one line each, before any trial: the trainables exist
+        and run, the objective is one the built-in workload reports, the study's journal file
+        and the submission folder can be written, the Dask scheduler answers."""
+        self.train.check()
+        self.evaluate.check()
+        check_known_objective(self.objective, [self.train.target])
+        from expflow_flows.hpo.study import URL_RE, resolve_storage
+
+        storage = resolve_storage(self.hpo.storage)
+        if not URL_RE.match(storage):
+            writable_file(
+                storage,
+                "hpo.storage",
+                "give a journal file in a folder that can be written, or a database URL "
+                "such as postgresql://user@host/db",
+            )
+        if self.submit.enabled and self.submit.to is not None:
+            writable_folder(
+                self.submit.to,
+                "submit.to",
+                "give a folder that can be written, or submit.enabled=false",
+            )
+        self.cluster.check()
 
     @property
     def study_name(self) -> str:

@@ -17,10 +17,12 @@ from expflow_flows.settings.base import (
 from expflow_flows.settings.common import (
     ClusterSettings,
     Direction,
+    Metric,
     Name,
     OffpeakSettings,
     TrackingSettings,
     TrainableSettings,
+    check_known_objective,
     parse_memory,
 )
 
@@ -97,7 +99,7 @@ class SweepSettings(Settings):
     force: bool | list[str] = Field(
         False, description="Re-run cached results: true for all steps, or a list of step names."
     )
-    objective: str | None = Field(
+    objective: Metric | None = Field(
         None, description="Metric that ranks combinations (default: the first reported)."
     )
     direction: Direction = Field("minimize", description="minimize or maximize the objective.")
@@ -138,6 +140,15 @@ class SweepSettings(Settings):
             if bad:
                 raise ValueError(f"force names step {bad[0]!r}, not one of {', '.join(names)}")
         return self
+
+    def check(self) -> None:
+        """What validation cannot see, one line each, before anything starts: every step's
+        trainable exists and runs, the objective is one the built-in workload reports, the
+        Dask scheduler answers."""
+        for step in self.chain():
+            step.check()
+        check_known_objective(self.objective, [s.target for s in self.chain()])
+        self.cluster.check()
 
     def chain(self) -> list[StepSettings]:
         """The steps run per combination (one step named ``run`` for a single trainable)."""

@@ -66,6 +66,9 @@ from typing import Any
 from expflow_flows.errors import ExpflowError
 from expflow_flows.yamlfile import read_mapping
 
+# A sweep is planned and stored one row per combination: past this many, a space is a typo
+# (an extra zero, a range written out as a list) and is refused before it is enumerated.
+MAX_COMBINATIONS = 10_000_000
 PARTS = ("fixed", "grid", "zip", "sample", "conditional", "constraints", "derived", "replicates")
 METHODS = ("random", "lhs")
 SAMPLE_KEYS = ("n", "seed", "method", "params")
@@ -721,6 +724,12 @@ def _parse_sample(raw: object) -> SampleSpec:
     if "n" not in spec:
         raise _err("sample", "needs n, the number of samples (an integer >= 1)")
     n = _int("sample.n", "n", spec["n"], minimum=1)
+    if n > MAX_COMBINATIONS:
+        raise _err(
+            "sample.n",
+            f"n {n} is more than the {MAX_COMBINATIONS:,} combinations a sweep may have "
+            "(MAX_COMBINATIONS); draw fewer samples",
+        )
     seed = _int("sample.seed", "seed", spec.get("seed", 0), minimum=0)
     method = spec.get("method", "random")
     if method not in METHODS:
@@ -971,6 +980,14 @@ class SweepSpace:
             item.expression.check_names(known)
             define(item.name, "derived")
             known.append(item.name)
+        size = self.size_upper_bound()
+        if size > MAX_COMBINATIONS:
+            raise ExpflowError(
+                f"sweep space has {size:,} combinations before constraints"
+                f"{' or more' if self.conditional else ''}, more than the {MAX_COMBINATIONS:,} "
+                "a sweep may have (MAX_COMBINATIONS); use fewer grid values, or sample the "
+                "space (sample: {n: ..., params: ...})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The mapping form (plain lists and dicts); ``from_dict(s.to_dict()) == s``."""
@@ -1014,16 +1031,41 @@ class SweepSpace:
         return names + [d.name for d in self.derived]
 
     def size_upper_bound(self) -> int:
-        """Combinations before constraints; exact unless there are conditional blocks."""
+        """Combinations before constraints, known without enumerating them; exact unless
+        there are conditional blocks. Past ``MAX_COMBINATIONS`` the conditional blocks are
+        counted only as far as needed to know the space is too large."""
         size = math.prod(len(a.values) for a in self.grid)
         size *= math.prod(len(g.rows) for g in self.zip)
         if self.sample is not None:
             size *= self.sample.n
-        # A block multiplies at most every combination by its size (exact if it always matches).
-        size *= math.prod(block.size() for block in self.conditional)
         if self.replicates is not None:
             size *= len(self.replicates.values)
+        if size and self.conditional:
+            size *= self._conditional_factor(MAX_COMBINATIONS // size)
         return size
+
+    def _conditional_factor(self, cap: int) -> int:
+        """The most the conditional blocks can multiply one combination by: the largest
+        product of sizes of blocks that can all match together (blocks whose when-conditions
+        exclude each other never do). The search stops once the product passes ``cap``."""
+        blocks = sorted(
+            (b for b in self.conditional if b.size() > 1), key=lambda b: b.size(), reverse=True
+        )
+        rest = [math.prod(b.size() for b in blocks[i:]) for i in range(len(blocks) + 1)]
+        best = 1
+
+        def search(start: int, chosen: list[Conditional], product: int) -> None:
+            nonlocal best
+            best = max(best, product)
+            for i in range(start, len(blocks)):
+                if best > cap or product * rest[i] <= best:
+                    return
+                block = blocks[i]
+                if not any(block.excludes(c) or c.excludes(block) for c in chosen):
+                    search(i + 1, [*chosen, block], product * block.size())
+
+        search(0, [], 1)
+        return best
 
     def count(self) -> int:
         """The exact number of combinations after constraints (iterates, without hashing)."""

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from expflow_flows.errors import ExpflowError
+from expflow_flows.errors import ExpflowError, disk_full
 from expflow_flows.runs.rundir import STATUSES
+from expflow_flows.secrets import scrub
 from expflow_flows.sqlite import (
     BUSY_TIMEOUT_S,
     LOCK_RETRIES,
@@ -206,7 +207,8 @@ def _encode_row(row: Mapping[str, Any], now: float) -> tuple[Any, ...]:
         "combo_id": _optional_text(row, "combo_id", key),
         "combo_index": _optional_int(row, "combo_index", key, None),
         "step": step,
-        "params": encode_mapping({} if params is None else params, f"row {key!r}: params"),
+        # secret-looking params reach the trainable, never the store or its exports
+        "params": encode_mapping({} if params is None else scrub(params), f"row {key!r}: params"),
         "metrics": encode_mapping({} if metrics is None else metrics, f"row {key!r}: metrics"),
         "status": status,
         "reason": reason,
@@ -289,6 +291,9 @@ class ResultStore:
         return connect(self.path, busy_timeout_s=self.busy_timeout_s)
 
     def _fail(self, exc: sqlite3.Error) -> ExpflowError:
+        full = disk_full(exc, self.path)
+        if full is not None:
+            return full
         text = str(exc)
         if "not a database" in text:
             hint = "expected a results.sqlite written by expflow; move the file away"
