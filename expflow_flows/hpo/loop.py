@@ -10,7 +10,6 @@ in this process's threads to stop.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from expflow_flows.hpo.report import write_study_report
 from expflow_flows.hpo.space import SearchSpace
 from expflow_flows.runs import trainable as trainable_mod
 from expflow_flows.runs.rundir import new_run_id
+from expflow_flows.runs.ticker import Ticker
 from expflow_flows.runs.trainable import RunResult
 
 if TYPE_CHECKING:
@@ -129,8 +129,7 @@ def run_study(
     in_flight: dict[Any, tuple[Any, TrialSpec]] = {}
     trial_dirs: list[str] = []
     trainable_mod.clear_stop()
-    beats = _Heartbeats(study, in_flight)
-    beats.start()
+    beats = _heartbeats(study, in_flight).start()
     try:
         while in_flight or room():
             while len(in_flight) < settings.cluster.workers and room():
@@ -199,31 +198,17 @@ def _surplus(study: Any, number: int, target: int) -> bool:
     return taken >= target
 
 
-class _Heartbeats:
+def _heartbeats(study: Any, in_flight: dict[Any, tuple[Any, TrialSpec]]) -> Ticker:
     """Renews the heartbeat of this run's running trials, and fails other runs' trials
     whose heartbeat stopped, every ``HEARTBEAT_S`` seconds."""
 
-    def __init__(self, study: Any, in_flight: dict[Any, tuple[Any, TrialSpec]]) -> None:
-        self.study, self.in_flight = study, in_flight
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="expflow-heartbeat")
+    def tick() -> None:
+        now = time.time()
+        for trial, _ in list(in_flight.values()):
+            trial.set_user_attr(hpo.HEARTBEAT_ATTR, now)
+        hpo.fail_stale_trials(study, now=now, stale_after=hpo.STALE_AFTER_S)
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stopping.wait(hpo.HEARTBEAT_S):
-            try:
-                now = time.time()
-                for trial, _ in list(self.in_flight.values()):
-                    trial.set_user_attr(hpo.HEARTBEAT_ATTR, now)
-                hpo.fail_stale_trials(self.study, now=now, stale_after=hpo.STALE_AFTER_S)
-            except Exception:  # noqa: BLE001 - a busy storage is tried again next beat
-                continue
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
+    return Ticker(hpo.HEARTBEAT_S, tick, "expflow-heartbeat")
 
 
 def conclude(

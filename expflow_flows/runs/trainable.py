@@ -48,6 +48,7 @@ from expflow_flows.errors import ExpflowError, disk_full
 from expflow_flows.runs import llm_calls
 from expflow_flows.runs.launch import Launch
 from expflow_flows.runs.rundir import RunDir
+from expflow_flows.runs.ticker import Ticker
 from expflow_flows.secrets import mask_command
 
 CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
@@ -764,7 +765,7 @@ def _run_process(
             timer.start()
         poller = None
         if sources.files or sources.tensorboard:
-            poller = _Poller(capture.FilePoller(sources, roots), report)
+            poller = _poller(capture.FilePoller(sources, roots), report)
             poller.start()
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -841,29 +842,14 @@ def _run_process(
     return _script_outcome("ok", "", metrics, intermediate, meta)
 
 
-class _Poller:
+def _poller(file_poller: Any, report: Callable[[int, dict[str, float]], None]) -> Ticker:
     """Polls a run's result files while it runs, so their per-step values reach the pruner."""
 
-    def __init__(self, poller: Any, report: Callable[[int, dict[str, float]], None]) -> None:
-        self.poller, self.report = poller, report
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="expflow-poll")
+    def tick() -> None:
+        for row in file_poller.poll():
+            report(int(row["step"]), {k: v for k, v in row.items() if k != "step"})
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stopping.wait(POLL_S):
-            try:
-                for row in self.poller.poll():
-                    values = {k: v for k, v in row.items() if k != "step"}
-                    self.report(int(row["step"]), values)
-            except Exception:  # noqa: BLE001 - a half-written file is read next time
-                continue
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
+    return Ticker(POLL_S, tick, "expflow-poll")
 
 
 def _record_llm_line(line: str, rd: RunDir, log: Any) -> None:
