@@ -26,6 +26,9 @@ export PREFECT_HOME ?= $(EXPFLOW_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export PREFECT_CLI_PROMPT ?= false
+# Flow runs started by the workers below send a heartbeat; the automation `make deploy`
+# creates marks a run Crashed when its heartbeats stop (expflow server automations).
+HEARTBEAT_S ?= 60
 API_URL := http://127.0.0.1:$(PORT)/api
 
 .PHONY: install install-dev demo test bench lint format server server-stop deploy worker worker-slurm worker-clearml slurm-up slurm-down clean
@@ -96,19 +99,20 @@ deploy: server
 	PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool inspect $(CLEARML_POOL) >/dev/null 2>&1 || \
 		PREFECT_API_URL=$(API_URL) $(PREFECT) work-pool create $(CLEARML_POOL) --type clearml
 	PREFECT_API_URL=$(API_URL) $(PREFECT) deploy --all
+	PREFECT_API_URL=$(API_URL) $(VENV)/bin/expflow server automations
 
 worker: server
-	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(POOL) --type process
+	PREFECT_API_URL=$(API_URL) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(HEARTBEAT_S) $(PREFECT) worker start --pool $(POOL) --type process
 
 # Serves the `expflow-slurm` pool: each flow run becomes an sbatch job. Run it where
 # sbatch/scontrol/scancel work (a login node); SLURM_CONF as your cluster needs.
 worker-slurm: server
-	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(SLURM_POOL) --type slurm
+	PREFECT_API_URL=$(API_URL) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(HEARTBEAT_S) $(PREFECT) worker start --pool $(SLURM_POOL) --type slurm
 
 # Serves the `expflow-clearml` pool: each flow run becomes a ClearML task on a queue that
 # clearml-agent serves. Needs ~/clearml.conf (or CLEARML_API_HOST and CLEARML_API_*_KEY).
 worker-clearml: server
-	PREFECT_API_URL=$(API_URL) $(PREFECT) worker start --pool $(CLEARML_POOL) --type clearml
+	PREFECT_API_URL=$(API_URL) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(HEARTBEAT_S) $(PREFECT) worker start --pool $(CLEARML_POOL) --type clearml
 
 slurm-up:
 	./scripts/slurm-up.sh

@@ -173,12 +173,62 @@ def list_experiments(
 def reconcile_crashed() -> list[Any]:
     """Fail this host's RUNNING experiments whose process died; mark their flow runs
     Crashed in the Prefect API when one is configured. Returns the experiments failed."""
-    ended = Ledger().reconcile()
+    ledger = Ledger()
+    ended = ledger.reconcile()
     if ended and _api_configured():
         for row in ended:
             if row.flow_run_id:
                 _mark_crashed(row.flow_run_id, row.message)
+    running = [r for r in ledger.list(state="RUNNING", limit=500) if r.flow_run_id]
+    if running and _api_configured() and _api_answers():
+        # Runs elsewhere (a Slurm node, a ClearML agent) that Prefect marked Crashed when
+        # their heartbeat stopped: their own crash hook never ran.
+        for row, state, message in _ended_flow_runs(running):
+            with contextlib.suppress(ExpflowError, fsm.IllegalTransition):
+                ended.append(ledger.move_to(row.id, state, message=message))
     return ended
+
+
+def _ended_flow_runs(rows: list[Experiment]) -> list[tuple[Experiment, str, str]]:
+    from prefect.client.orchestration import get_client
+
+    targets = {"COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "FAILED": "FAILED"}
+    targets["CRASHED"] = "FAILED"
+
+    async def read() -> list[tuple[Experiment, str, str]]:
+        out = []
+        async with get_client() as client:
+            for row in rows:
+                try:
+                    run = await client.read_flow_run(row.flow_run_id)
+                except Exception:  # noqa: BLE001 - a flow run deleted or on another server
+                    continue
+                state = run.state.type.value if run.state else ""
+                if state in targets:
+                    message = f"flow run {state.lower()}: {run.state.message or ''}".strip()
+                    out.append((row, targets[state], message.rstrip(":")))
+        return out
+
+    try:
+        return asyncio.run(read())
+    except Exception as exc:  # noqa: BLE001 - listing must not fail on an unreachable API
+        log.warning("flow runs not read back: %s", exc)
+        return []
+
+
+def _api_answers() -> bool:
+    """Whether the configured Prefect API answers its health check within 3 s."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    try:
+        with urllib.request.urlopen(f"{str(url).rstrip('/')}/health", timeout=3) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def _api_configured() -> bool:

@@ -130,3 +130,55 @@ def stop(port: int = DEFAULT_PORT, timeout: float = 15.0) -> bool:
                 return True
             time.sleep(0.2)
     return True
+
+
+ZOMBIE_AUTOMATION = "expflow: crash flow runs that stopped their heartbeat"
+# Flow runs started by a worker send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+# seconds (the Makefile sets 60); three missed beats and the run's process is taken for dead.
+ZOMBIE_AFTER_S = 180
+
+
+def ensure_zombie_automation(within_s: int = ZOMBIE_AFTER_S) -> str:
+    """The automation that marks a flow run Crashed when its heartbeats stop (its process
+    was killed, its node went down): created on the configured Prefect API unless there;
+    returns its id. The flow's crash hook then fails its ledger row."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    try:
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        return str(existing.id)
+    automation = Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="expflow-flows: a flow run whose heartbeat stopped is marked Crashed.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"its heartbeat stopped for {within_s} s: its process is gone",
+            )
+        ],
+    )
+    return str(automation.create().id)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 from typer.testing import CliRunner
 
@@ -74,3 +75,38 @@ def test_a_killed_run_is_failed_in_the_ledger_and_crashed_in_prefect(prefect_har
     assert f"pid {child.pid}" in rows[killed_id]["message"] and "gone" in rows[killed_id]["message"]
     assert rows[alive.id]["state"] == "RUNNING"
     assert asyncio.run(_state(flow_run_id)) == "CRASHED"
+
+
+def test_a_flow_run_whose_heartbeat_stops_is_crashed_and_its_ledger_row_failed(
+    prefect_harness, home
+):
+    # What `make deploy` ships (expflow server automations), with a short window.
+    from prefect.events import emit_event
+
+    from expflow_flows.cli.app import app
+    from expflow_flows.server import ensure_zombie_automation
+
+    automation = ensure_zombie_automation(within_s=15)
+    assert ensure_zombie_automation(within_s=15) == automation  # created once
+    flow_run_id = asyncio.run(_running_flow_run())
+    row = Ledger().register("remote", kind="pipeline", flow_run_id=flow_run_id)
+    Ledger().move_to(row.id, "RUNNING")  # running on another node: no process here to check
+    # One heartbeat from the worker's node, then silence (the node went down).
+    emit_event(
+        event="prefect.flow-run.heartbeat",
+        resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while asyncio.run(_state(flow_run_id)) != "CRASHED":
+            assert time.monotonic() < deadline, "the flow run was never marked crashed"
+            time.sleep(3)
+    finally:
+        # The session's server is shared: later tests' long flow runs must not meet it.
+        from prefect.automations import Automation
+
+        Automation.read(id=automation).delete()
+    listed = CliRunner().invoke(app, ["runs", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["id"]: r for r in json.loads(listed.output)}
+    assert rows[row.id]["state"] == "FAILED" and "crashed" in rows[row.id]["message"]

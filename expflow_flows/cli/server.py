@@ -42,3 +42,13 @@ def server_status(port: int = typer.Option(4200, help="Loopback port.")) -> None
     else:
         typer.echo(f"no server on 127.0.0.1:{port}")
         raise typer.Exit(1)
+
+
+@server_app.command("automations")
+def server_automations() -> None:
+    """Create the automation that marks a flow run Crashed once its heartbeat stops (its
+    process was killed or its node went down), on the Prefect API in PREFECT_API_URL."""
+    from expflow_flows import server
+
+    automation_id = server.ensure_zombie_automation()
+    typer.echo(f"automation {server.ZOMBIE_AUTOMATION!r}: {automation_id}")
