@@ -402,3 +402,4 @@ def test_callables_on_threads_overlap_and_each_captures_its_own_output(tmp_path)
         log = (tmp_path / tag / "output.log").read_text()
         assert f"tag={tag}" in log and f"done={tag}" in log
         assert f"tag={other}" not in log
+    assert "EXPFLOW_RUN_DIR" not in os.environ  # back to what it was before either ran

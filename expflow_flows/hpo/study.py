@@ -169,6 +169,7 @@ def open_study(
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
+    study.sampler.opened_with = len(study.get_trials(deepcopy=False))
     existing = study.direction.name.lower()
     if existing != direction:
         raise ExpflowError(
@@ -179,19 +180,26 @@ def open_study(
 
 
 def _sampler(seed: int | None) -> Any:
-    """TPE whose random stream is seeded per trial, from the seed and the trial's number.
+    """TPE seeded once, whose random stream is re-seeded per trial where replaying it would
+    repeat trials: in a resumed study, and when another run shares the study.
 
-    A sampler seeded once replays the same stream in every process: a resumed study
-    asked its first trials' parameters again, and two runs sharing a study asked the same
-    ones. Trial numbers are unique in a study, so each trial gets its own stream; a fresh
-    study with the same seed still gets the same trials.
+    A sampler seeded once replays the same stream in every process: a resumed study asked
+    its first trials' parameters again, and two runs sharing a study asked the same ones.
+    A fresh study asked by one run keeps the plain seeded stream (the same trials for the
+    same seed as ever); any other trial gets a stream seeded from the seed and its number,
+    which is unique in the study.
     """
     import optuna
 
     class TrialSeededTPESampler(optuna.samplers.TPESampler):
+        opened_with = 0  # trials the study held when this run opened it
+        asked = 0  # trials this sampler was asked for
+
         def before_trial(self, study: optuna.Study, trial: Any) -> None:
-            if seed is not None:
-                derived = (int(seed) * 1_000_003 + int(trial.number) * 7_919) % (2**32)
+            in_sequence = self.opened_with == 0 and trial.number == self.asked
+            self.asked += 1
+            if seed is not None and not in_sequence:
+                derived = (int(seed) * 1_000_003 + int(trial.number) * 7_919 + 1) % (2**32)
                 for owner in (self, getattr(self, "_random_sampler", None)):
                     rng = getattr(owner, "_rng", None)
                     if rng is not None and hasattr(rng, "rng"):

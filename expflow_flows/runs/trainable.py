@@ -507,6 +507,35 @@ def _route_warning(message, category, filename, lineno, file=None, line=None) ->
     _routing["showwarning"](message, category, filename, lineno, file, line)
 
 
+_run_dirs: list[str] = []  # callables running in this process, oldest first
+_env_before: dict[str, str | None] = {}
+
+
+def _enter_run_dir(path: Path) -> None:
+    """$EXPFLOW_RUN_DIR names the newest callable's folder while callables run (one
+    environment per process: a callable should read ``run.run_dir``)."""
+    with _route_lock:
+        if not _run_dirs:
+            _env_before["EXPFLOW_RUN_DIR"] = os.environ.get("EXPFLOW_RUN_DIR")
+        _run_dirs.append(str(path))
+        os.environ["EXPFLOW_RUN_DIR"] = str(path)
+
+
+def _leave_run_dir(path: Path) -> None:
+    """Back to the newest callable still running, or to what it was before any ran."""
+    with _route_lock:
+        with contextlib.suppress(ValueError):
+            _run_dirs.remove(str(path))
+        if _run_dirs:
+            os.environ["EXPFLOW_RUN_DIR"] = _run_dirs[-1]
+            return
+        before = _env_before.pop("EXPFLOW_RUN_DIR", None)
+        if before is None:
+            os.environ.pop("EXPFLOW_RUN_DIR", None)
+        else:
+            os.environ["EXPFLOW_RUN_DIR"] = before
+
+
 @contextlib.contextmanager
 def _captured(log: Any) -> Iterator[list[warnings.WarningMessage]]:
     """This thread's prints, log records and warnings go to ``log`` (and the list yielded),
@@ -563,8 +592,7 @@ def _run_callable(
     # Callables sharing a process (the threads runner) run at the same time: each thread's
     # output is routed to its own run's log.
     with open(rd.log_path, "a", encoding="utf-8") as log, _captured(log) as caught:
-        old_env = {k: os.environ.get(k) for k in ("EXPFLOW_RUN_DIR",)}
-        os.environ["EXPFLOW_RUN_DIR"] = str(rd.path)  # one process: the last run started
+        _enter_run_dir(rd.path)
         try:
             try:
                 fn = resolve_callable(spec.spec)
@@ -588,13 +616,7 @@ def _run_callable(
             for w in caught:
                 log.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
         finally:
-            for key, value in old_env.items():
-                if os.environ.get(key) != str(rd.path):
-                    continue  # another run set it since
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            _leave_run_dir(rd.path)
     return {
         "status": status,
         "reason": reason,
