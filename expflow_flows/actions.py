@@ -16,11 +16,9 @@ Prefect is imported inside the functions that talk to it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -170,90 +168,64 @@ def list_experiments(
     return Ledger().list(state=state or None, name=name or None, limit=limit)
 
 
-def reconcile_crashed() -> list[Any]:
-    """Fail this host's RUNNING experiments whose process died; mark their flow runs
-    Crashed in the Prefect API when one is configured. Returns the experiments failed."""
+def reconcile_crashed() -> list[Experiment]:
+    """Fail this host's RUNNING experiments whose process died and mark their flow runs
+    Crashed; move RUNNING rows whose flow run ended elsewhere (a Slurm node, a ClearML
+    agent: Prefect marked it Crashed when its heartbeat stopped, and its own crash hook
+    never ran). Returns the experiments moved."""
     ledger = Ledger()
     ended = ledger.reconcile()
-    if ended and _api_configured():
-        for row in ended:
-            if row.flow_run_id:
-                _mark_crashed(row.flow_run_id, row.message)
     running = [r for r in ledger.list(state="RUNNING", limit=500) if r.flow_run_id]
-    if running and _api_configured() and _api_answers():
-        # Runs elsewhere (a Slurm node, a ClearML agent) that Prefect marked Crashed when
-        # their heartbeat stopped: their own crash hook never ran.
-        for row, state, message in _ended_flow_runs(running):
-            with contextlib.suppress(ExpflowError, fsm.IllegalTransition):
-                ended.append(ledger.move_to(row.id, state, message=message))
+    if not ended and not running:
+        return ended
+    try:
+        with prefect_client() as (client, api):
+            if not _answers(api):
+                return ended
+            for row in ended:
+                if row.flow_run_id:
+                    _crash(client, row.flow_run_id, row.message)
+            for row in running:
+                with contextlib.suppress(ExpflowError):
+                    state = read_flow_run(client, row.flow_run_id, api).state
+                    target = _LEDGER_STATE.get(state.type.value if state else "")
+                    if target:
+                        message = f"flow run {state.type.value.lower()}: {state.message or ''}"
+                        ended.append(ledger.move_to(row.id, target, message.rstrip(": ")))
+    except ExpflowError as exc:  # no API to tell: the ledger is reconciled either way
+        log.warning("flow runs not reconciled: %s", exc)
     return ended
 
 
-def _ended_flow_runs(rows: list[Experiment]) -> list[tuple[Experiment, str, str]]:
-    from prefect.client.orchestration import get_client
-
-    targets = {"COMPLETED": "COMPLETED", "CANCELLED": "CANCELLED", "FAILED": "FAILED"}
-    targets["CRASHED"] = "FAILED"
-
-    async def read() -> list[tuple[Experiment, str, str]]:
-        out = []
-        async with get_client() as client:
-            for row in rows:
-                try:
-                    run = await client.read_flow_run(row.flow_run_id)
-                except Exception:  # noqa: BLE001 - a flow run deleted or on another server
-                    continue
-                state = run.state.type.value if run.state else ""
-                if state in targets:
-                    message = f"flow run {state.lower()}: {run.state.message or ''}".strip()
-                    out.append((row, targets[state], message.rstrip(":")))
-        return out
-
-    try:
-        return asyncio.run(read())
-    except Exception as exc:  # noqa: BLE001 - listing must not fail on an unreachable API
-        log.warning("flow runs not read back: %s", exc)
-        return []
+# A flow run's final state, as the ledger's.
+_LEDGER_STATE = {
+    "COMPLETED": fsm.COMPLETED,
+    "FAILED": fsm.FAILED,
+    "CRASHED": fsm.FAILED,
+    "CANCELLED": fsm.CANCELLED,
+}
 
 
-def _api_answers() -> bool:
-    """Whether the configured Prefect API answers its health check within 3 s."""
+def _answers(api: str) -> bool:
+    """Whether the Prefect API answers its health check within 3 s (listing must not wait
+    on a client's retries against a server that is down)."""
     import urllib.error
     import urllib.request
 
-    from prefect.settings import PREFECT_API_URL
-
-    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     try:
-        with urllib.request.urlopen(f"{str(url).rstrip('/')}/health", timeout=3) as resp:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=3) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
-def _api_configured() -> bool:
-    """A Prefect API to tell (never a temporary server started just for this)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value())
-
-
-def _mark_crashed(flow_run_id: str, message: str) -> None:
-    from prefect.client.orchestration import get_client
+def _crash(client: Any, flow_run_id: str, message: str) -> None:
     from prefect.states import Crashed
 
-    async def mark() -> None:
-        async with get_client() as client:
-            run = await client.read_flow_run(flow_run_id)
-            if run.state is None or not run.state.is_final():
-                await client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-
-    try:
-        asyncio.run(mark())
-    except Exception as exc:  # noqa: BLE001 - the ledger is reconciled either way
-        log.warning("flow run %s not marked crashed: %s", flow_run_id, exc)
+    with contextlib.suppress(ExpflowError, ValueError):
+        run = client.read_flow_run(uuid.UUID(flow_run_id))
+        if run.state is None or not run.state.is_final():
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
 
 
 def experiment_detail(exp_id: str) -> dict[str, Any]:
