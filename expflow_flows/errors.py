@@ -54,3 +54,8 @@ def disk_full(exc: BaseException, where: object = None) -> DiskFull | None:
         f"the disk is full: no space left{place}{left}; free some space and run again "
         "(finished work is kept and the run goes on from it)"
     )
+
+
+class JobEnding(ExpflowError):
+    """The job running this flow is about to end (a time limit, a preemption): its runs
+    saved checkpoints and stopped; the flow run resumes from them when requeued or re-run."""

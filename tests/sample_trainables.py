@@ -201,3 +201,15 @@ def meets_another(params, run):
     MEET.wait(timeout=20)
     print(f"done={params['tag']}")
     return {"value": 1.0}
+
+
+def stops_when_told(params, run):
+    """Reports a step at a time; its job is told to end after step 3 (as a Slurm time
+    limit would), and it saves nothing."""
+    from expflow_flows.runs.trainable import request_checkpoint
+
+    for step in range(1, int(params["steps"]) + 1):
+        run.report(step, loss=1.0 / step)
+        if step == 3:
+            request_checkpoint("the job ends")
+    return {"loss": 0.0}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -87,11 +86,7 @@ def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterat
         made = _slurm_cluster(cluster, resources)
         client = Client(made)
     else:
-        if resources.get("GPU") and shutil.which("nvidia-smi") is None:
-            raise ExpflowError(
-                f"resources ask for gpu={resources['GPU']:g} but this machine has no GPU "
-                "(no nvidia-smi); use a cluster with GPU workers (cluster.address)"
-            )
+        gpus = _local_gpus(cluster, resources)
         if resources.get("CPU", 1) > 1:
             raise ExpflowError(
                 f"resources ask for cpu={resources['CPU']:g} per combination, but local workers "
@@ -107,7 +102,7 @@ def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterat
             resources={
                 "CPU": 1,
                 "MEMORY": psutil.virtual_memory().total / cluster.workers,
-                "GPU": 0,
+                "GPU": gpus / cluster.workers,
             },
         )
         client = Client(made)
@@ -117,6 +112,34 @@ def dask_client(cluster: ClusterSettings, resources: dict[str, float]) -> Iterat
         client.close()
         if made is not None:
             made.close()
+
+
+def _local_gpus(cluster: ClusterSettings, resources: dict[str, float]) -> int:
+    """GPUs the local workers share (0 unless asked for); one line when the combinations'
+    GPUs cannot be had here, which Dask would otherwise wait for forever."""
+    from expflow_flows.runs import devices
+
+    wanted = resources.get("GPU") or 0
+    if not wanted and cluster.gpus is None:
+        return 0  # nvidia-smi is not asked about GPUs nobody wants
+    if isinstance(cluster.gpus, list):
+        found = list(cluster.gpus)
+    else:
+        found = devices.discover()
+    if wanted and not found:
+        raise ExpflowError(
+            f"resources ask for gpu={wanted:g} but this machine has no GPU (none in "
+            "CUDA_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES, the Slurm job or nvidia-smi); use a "
+            "cluster with GPU workers (cluster.address)"
+        )
+    per_worker = len(found) / cluster.workers
+    if wanted > per_worker + 1e-9:
+        raise ExpflowError(
+            f"resources ask for gpu={wanted:g} per combination but {len(found)} GPUs over "
+            f"cluster.workers={cluster.workers} give {per_worker:g} each; lower workers to "
+            f"{max(1, int(len(found) // wanted))} or ask for less"
+        )
+    return len(found)
 
 
 def _slurm_cluster(cluster: ClusterSettings, resources: dict[str, float]) -> Any:

@@ -24,11 +24,11 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from expflow_flows.bundles import submission
-from expflow_flows.errors import ExpflowError, GateFailed
+from expflow_flows.errors import ExpflowError, GateFailed, JobEnding
 from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
-from expflow_flows.flows.outcomes import failed_outcome
+from expflow_flows.flows.outcomes import failed_outcome, stop_file
 from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.hpo import loop
@@ -38,7 +38,7 @@ from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import active as active_tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
 from expflow_flows.metrics import gates as gates_mod
-from expflow_flows.runs import llm_calls
+from expflow_flows.runs import llm_calls, slurmjob
 from expflow_flows.runs import trainable as trainable_mod
 from expflow_flows.runs.metadata import capture_environment
 from expflow_flows.runs.rundir import RunDir, new_run_id
@@ -71,6 +71,9 @@ def run_trial(
     timeout: float | None = None,
     arg_style: str = "argparse",
     launch: dict[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+    stop_file: str | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One HPO trial: run the trainable, reporting intermediate values to the pruner."""
     hook = hpo.report_hook(storage, study_name, trial_id, objective, pruner)
@@ -83,6 +86,9 @@ def run_trial(
         timeout=timeout,
         arg_style=arg_style,  # type: ignore[arg-type]
         launch=launch,
+        checkpoint_dir=checkpoint_dir,
+        stop_file=stop_file,
+        devices=devices,
     )
     value = result.metrics.get(objective)
     get_run_logger().info(
@@ -106,6 +112,9 @@ def run_stage(
     timeout: float | None = None,
     arg_style: str = "argparse",
     launch: dict[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+    stop_file: str | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one pipeline stage (final training or evaluation) through the trainable contract."""
     result = run_trainable(
@@ -117,6 +126,9 @@ def run_stage(
         timeout=timeout,
         arg_style=arg_style,  # type: ignore[arg-type]
         launch=launch,
+        checkpoint_dir=checkpoint_dir,
+        stop_file=stop_file,
+        devices=devices,
     )
     get_run_logger().info("%s %s in %.1f s: %s", stage, result.status, result.wall_s, run_dir)
     return result.to_dict()
@@ -144,6 +156,9 @@ class _TaskTrials:
             timeout=s.hpo.trial_timeout,
             arg_style=s.train.arg_style,
             launch=s.train.launch(),
+            checkpoint_dir=spec.checkpoint_dir or None,
+            stop_file=spec.stop_file or None,
+            devices=s.cluster.device_request(),
         )
 
     def next_finished(self, handles: list[Any]) -> Any:
@@ -212,6 +227,7 @@ def _hpo(settings: PipelineSettings, experiment_dir: Path, report_dir: Path) -> 
         flow_run_id=run_id,
         on_told=told,
         log=logger.info,
+        stop_file=str(stop_file()),
     )
     outcome = loop.conclude(settings, study, storage, counts, trial_dirs, report_dir)
     create_table_artifact(
@@ -325,7 +341,9 @@ def pipeline(
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
             return deferred
-        return _pipeline(resolved, force)
+        # In a Slurm job that may be requeued: checkpoint before the job ends, then resume.
+        with slurmjob.guard(stop_file(), get_run_logger().warning):
+            return _pipeline(resolved, force)
     except Exception as exc:
         # A user-facing outcome (bad input, failed gate, no successful trial, a full
         # disk): one line in the log and the run's state message, no traceback.
@@ -398,6 +416,8 @@ def _stages(
     )
 
     # --- Train with the best parameters at the final budget, then evaluate.
+    # The final training's checkpoints outlive a requeue of this flow run: it resumes.
+    this_run = str(flow_run.get_id() or "") or run_dir.path.name
     trained = _result(
         run_stage(
             "train",
@@ -408,9 +428,14 @@ def _stages(
             timeout=settings.train.timeout,
             arg_style=settings.train.arg_style,
             launch=settings.train.launch(),
+            checkpoint_dir=str(experiment_dir / "checkpoints" / f"train-{this_run}"),
+            stop_file=str(stop_file()),
+            devices=settings.cluster.device_request(),
         )
     )
     tracking.record(_step_record("train", "train", shown_params, trained, settings.train.label))
+    if not trained.ok and trainable_mod.STOPPED_TO_RESUME in trained.reason:
+        raise JobEnding(f"final training {trained.reason}")
     if not trained.ok:
         raise ExpflowError(
             f"final training failed: {trained.reason} (log: {trained.run_dir / 'output.log'})"
@@ -426,6 +451,7 @@ def _stages(
             timeout=settings.evaluate.timeout,
             arg_style=settings.evaluate.arg_style,
             launch=settings.evaluate.launch(),
+            devices=settings.cluster.device_request(),
         )
     )
     evaluation = _step_record(

@@ -29,14 +29,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from expflow_flows.errors import JobEnding
 from expflow_flows.flows.clusters import dask_client
 from expflow_flows.flows.ledger_hooks import describe_sweep, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import hold_for_offpeak
-from expflow_flows.flows.outcomes import failed_outcome
+from expflow_flows.flows.outcomes import failed_outcome, stop_file
 from expflow_flows.home import runs_root
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
+from expflow_flows.runs import slurmjob
 from expflow_flows.runs.metadata import capture_environment
+from expflow_flows.runs.trainable import checkpoint_requested
 from expflow_flows.secrets import scrub, take_over
 from expflow_flows.settings.base import overrides_model
 from expflow_flows.settings.sweep import SweepSettings, load_sweep_settings
@@ -90,7 +93,9 @@ def sweep(
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
             return deferred
-        return run_sweep(resolved)
+        # In a Slurm job that may be requeued: checkpoint before the job ends, then resume.
+        with slurmjob.guard(stop_file(), get_run_logger().warning):
+            return run_sweep(resolved)
     except Exception as exc:
         return failed_outcome(exc, runs_root())
 
@@ -223,8 +228,16 @@ def _fan_out(
 ) -> None:
     """Run the pending chunks as Prefect tasks on one Dask client, the status page live."""
     resources = settings.resources.dask()
+    stopper = stop_file()
     with dask_client(settings.cluster, resources) as client:
-        runner = ChunkRunner(client, store, retries=settings.retries, resources=resources)
+        runner = ChunkRunner(
+            client,
+            store,
+            retries=settings.retries,
+            resources=resources,
+            stop_file=str(stopper),
+            devices=settings.cluster.device_request(settings.resources.gpu),
+        )
         progress_id = create_progress_artifact(
             progress=0.0,
             key=_key(settings.name, "progress"),
@@ -239,6 +252,14 @@ def _fan_out(
                 update_progress_artifact(progress_id, 100.0 * done / len(futures))
             for future in futures:
                 future.result()
+    why = checkpoint_requested()
+    if why is None and stopper.exists():
+        why = stopper.read_text(encoding="utf-8").strip() or "its job ends soon"
+    if why is not None:
+        raise JobEnding(
+            f"the sweep stopped early ({why}); the combinations it cut saved checkpoints and "
+            "resume when the flow run is requeued or run again"
+        )
 
 
 def _key(*parts: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from expflow_flows.errors import ExpflowError
+from expflow_flows.errors import ExpflowError, JobEnding
 from expflow_flows.hpo import progress
 from expflow_flows.hpo import study as hpo
 from expflow_flows.hpo.report import write_study_report
@@ -38,6 +38,9 @@ class TrialSpec:
     trial_id: int
     params: dict[str, Any]
     run_dir: str
+    checkpoint_dir: str = ""  # kept by the trial's retries, so they resume from it
+    stop_file: str = ""  # appears when the job is about to end (see runs.slurmjob)
+    retry_of: int | None = None
 
 
 class TrialLauncher(Protocol):
@@ -92,8 +95,16 @@ def run_study(
     flow_run_id: str = "",
     on_told: Told | None = None,
     log: Callable[[str], None] = lambda line: None,
+    stop_file: str = "",
 ) -> tuple[progress.TrialProgress, list[str]]:
     """Run trials until the study holds ``hpo.n_trials`` finished ones.
+
+    A trial the machine failed (its process killed, its worker lost) is retried as a new
+    trial with the same parameters and checkpoint folder (``hpo.retries``). When this
+    process is told its job ends soon (``trainables.request_checkpoint``, or ``stop_file``
+    appearing), no more trials start, the running ones checkpoint and stop, and
+    :class:`~expflow_flows.errors.JobEnding` is raised once they have: their retries resume
+    them when the flow run is requeued or run again.
 
     Returns the progress counts and this call's trial folders.
     """
@@ -102,6 +113,8 @@ def run_study(
     stale = hpo.fail_stale_trials(study, now=time.time(), stale_after=hpo.STALE_AFTER_S)
     if stale:
         log(f"trials {stale} had stopped sending heartbeats (killed?): marked failed")
+    for failed, attempt in hpo.enqueue_retries(study, settings.hpo.retries):
+        log(f"trial {failed} was cut short by the machine: retried (attempt {attempt})")
     already = hpo.finished_count(study)
     if already:
         log(
@@ -129,10 +142,18 @@ def run_study(
     in_flight: dict[Any, tuple[Any, TrialSpec]] = {}
     trial_dirs: list[str] = []
     trainable_mod.clear_stop()
+
+    def stopping() -> str | None:
+        why = trainable_mod.checkpoint_requested()
+        if why is None and stop_file and Path(stop_file).exists():
+            why = Path(stop_file).read_text(encoding="utf-8").strip() or "its job ends soon"
+            trainable_mod.request_checkpoint(why)
+        return why
+
     beats = _heartbeats(study, in_flight).start()
     try:
-        while in_flight or room():
-            while len(in_flight) < settings.cluster.workers and room():
+        while in_flight or (room() and not stopping()):
+            while len(in_flight) < settings.cluster.workers and room() and not stopping():
                 trial = study.ask()
                 trial.set_user_attr("flow_run_id", flow_run_id)
                 trial.set_user_attr(hpo.HEARTBEAT_ATTR, time.time())
@@ -140,14 +161,25 @@ def run_study(
                     # Two runs asked at once and the study is full: this trial never runs.
                     trial.set_user_attr("reason", f"surplus: the study already has {target}")
                     trial.set_user_attr(hpo.INFRA_ATTR, True)
+                    trial.set_user_attr(hpo.SURPLUS_ATTR, True)
                     study.tell(trial, state=_fail_state())
                     break
+                attrs = trial.user_attrs
+                checkpoint = attrs.get(hpo.CHECKPOINT_ATTR) or str(
+                    hpo.checkpoint_folder(experiment_dir, study.study_name, trial.number)
+                )
+                trial.set_user_attr(hpo.CHECKPOINT_ATTR, checkpoint)
                 spec = TrialSpec(
                     number=trial.number,
                     trial_id=trial._trial_id,
                     params={**settings.params, **space.suggest(trial)},
                     run_dir=str(trial_dir(experiment_dir, trial.number)),
+                    checkpoint_dir=checkpoint,
+                    stop_file=stop_file,
+                    retry_of=attrs.get(hpo.RETRY_OF_ATTR),
                 )
+                if spec.retry_of is not None:
+                    log(f"trial {spec.number} resumes trial {spec.retry_of} from {checkpoint}")
                 trial_dirs.append(spec.run_dir)
                 in_flight[launcher.start(spec)] = (trial, spec)
                 counts.running = len(in_flight)
@@ -164,6 +196,13 @@ def run_study(
                 outcome = hpo.tell_result(study, trial, None, settings.objective, error=str(exc))
             if on_told is not None:
                 on_told(spec, result, outcome)
+            if outcome == "fail":
+                told = study._storage.get_trial(trial._trial_id)
+                for failed, attempt in hpo.enqueue_retries(study, settings.hpo.retries, [told]):
+                    log(
+                        f"trial {failed} was cut short by the machine "
+                        f"({told.user_attrs.get('reason', '')}): retried (attempt {attempt})"
+                    )
             counts.complete += outcome == "complete"
             counts.pruned += outcome == "pruned"
             counts.failed += outcome == "fail"
@@ -177,6 +216,12 @@ def run_study(
         raise
     finally:
         beats.stop()
+    why = stopping()
+    if why is not None and room():
+        raise JobEnding(
+            f"the HPO stage stopped early ({why}): {counts.line()}; the trials it cut saved "
+            "checkpoints and resume when the flow run is requeued or run again"
+        )
     return counts, trial_dirs
 
 
@@ -259,6 +304,12 @@ def fail_abandoned_trials(
     failed: dict[str, list[int]] = {}
     for run_id, numbers in hpo.running_trials_by_run(study).items():
         if run_id == current_run:
+            # This run starts again (its job was requeued, or it was retried): what it had
+            # running belonged to the attempt that ended.
+            hpo.fail_abandoned(
+                study, numbers, f"abandoned: an earlier attempt of flow run {run_id} ended"
+            )
+            failed[run_id] = numbers
             continue
         state = ended(run_id)
         if state:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.home import default_optuna_storage
-from expflow_flows.runs.trainable import ReportHook, RunResult
+from expflow_flows.runs.trainable import ReportHook, RunResult, is_machine_failure
 
 if TYPE_CHECKING:
     import optuna
@@ -34,23 +34,16 @@ HEARTBEAT_ATTR = "heartbeat"
 HEARTBEAT_S = 15.0
 # A running trial whose heartbeat is older than this is dead (its process was killed).
 STALE_AFTER_S = 90.0
-_INFRA_WORDS = (
-    "no space left on device",
-    "disk quota exceeded",
-    "disk is full",
-    "database or disk is full",
-    "disk i/o error",
-    "worker was lost",
-    "killedworker",
-    "killed by signal 9",
-    "its process stopped",
-)
+# A trial's checkpoint folder (user attribute), kept by its retries so they resume from it.
+CHECKPOINT_ATTR = "checkpoint_dir"
+RETRY_OF_ATTR = "retry_of"  # the number of the trial a retry continues
+ATTEMPT_ATTR = "attempt"  # retries used so far by the trial's line (0: the first try)
+SURPLUS_ATTR = "surplus"  # never ran: two runs asked at once and the study was full
 
 
 def is_infrastructure_failure(reason: str) -> bool:
     """Whether a failure's reason says the machine failed (disk, lost worker, killed)."""
-    low = reason.lower()
-    return any(word in low for word in _INFRA_WORDS)
+    return is_machine_failure(reason)
 
 
 def resolve_storage(storage: str | None) -> str:
@@ -378,3 +371,41 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     if not completed:
         return None
     return study.best_trial
+
+
+def checkpoint_folder(experiment_dir: Path, study_name: str, number: int) -> Path:
+    """Where trial ``number`` of a study (and every retry of it) keeps its checkpoints."""
+    return experiment_dir / "checkpoints" / f"{study_name}-t{number:04d}"
+
+
+def enqueue_retries(
+    study: optuna.Study, max_retries: int, trials: list[Any] | None = None
+) -> list[tuple[int, int]]:
+    """Enqueue a retry of each trial the machine failed (killed, lost worker, stopped for a
+    time limit) that has none yet: same parameters, same checkpoint folder, so it resumes.
+
+    A trial stopped for a time limit or a preemption does not use up a retry; any other
+    machine failure does, up to ``max_retries``. ``trials`` limits the look to those
+    (default: every trial). Returns (failed trial, its retry's attempt) pairs.
+    """
+    import optuna
+
+    everything = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF_ATTR) for t in everything}
+    queued: list[tuple[int, int]] = []
+    for t in trials if trials is not None else everything:
+        if t.state != optuna.trial.TrialState.FAIL or t.number in retried:
+            continue
+        attrs = t.user_attrs
+        if not attrs.get(INFRA_ATTR) or attrs.get(SURPLUS_ATTR):
+            continue
+        planned = "stopped to be resumed" in str(attrs.get("reason", "")).lower()
+        attempt = int(attrs.get(ATTEMPT_ATTR, 0)) + (0 if planned else 1)
+        if attempt > max_retries:
+            continue
+        user_attrs = {RETRY_OF_ATTR: t.number, ATTEMPT_ATTR: attempt}
+        if attrs.get(CHECKPOINT_ATTR):
+            user_attrs[CHECKPOINT_ATTR] = attrs[CHECKPOINT_ATTR]
+        study.enqueue_trial(dict(t.params), user_attrs=user_attrs)
+        queued.append((t.number, attempt))
+    return queued

@@ -11,13 +11,21 @@ nonlinear terms such as reactions or ``u * u_x`` (when ``S`` carries a derivativ
 penalty (``l2``), minimised by Adam with a cosine learning-rate decay; the weights of the epoch
 with the best validation rollout nRMSE are kept, as PDEBench keeps its best checkpoint.
 Gradients are written out by hand (no autodiff library).
+
+Training can stop and go on exactly where it stopped: :func:`fit` hands a :class:`FitState`
+(weights, Adam moments, shuffling RNG, best epoch, history) to ``save_state`` after the epochs
+``save_when`` picks, and continues from one given as ``resume``. :func:`save_checkpoint` and
+:func:`load_checkpoint` keep it in a folder as an npz and a JSON manifest, without pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +38,12 @@ from expflow_flows.errors import ExpflowError
 
 MODEL_FILE = "model.npz"
 CONFIG_FILE = "model.json"
+CHECKPOINT_FILE = (
+    "checkpoint.json"  # the manifest: scalars, history, and which npz holds the arrays
+)
+CHECKPOINT_FORMAT = 1
+_STATE_GROUPS = ("params", "best", "adam_m", "adam_v")
+_PARAM_NAMES = ("w_re", "w_im", "a", "b", "v")
 # Rollout values are clipped here so a diverging model yields a huge, finite error.
 _CLIP = 1e6
 
@@ -79,6 +93,35 @@ class FitResult:
     seconds: float
     stopped: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class FitState:
+    """Everything :func:`fit` needs to go on exactly after ``epoch``: the arrays of
+    ``params``/``best``/``adam_m``/``adam_v``, Adam's step count, the shuffling RNG's state
+    and the result so far (best epoch and value, history, seconds spent)."""
+
+    epoch: int
+    step: int
+    params: dict[str, np.ndarray]
+    best: dict[str, np.ndarray]
+    adam_m: dict[str, np.ndarray]
+    adam_v: dict[str, np.ndarray]
+    adam_t: int
+    rng_state: dict[str, Any]
+    result: FitResult
+
+    def check(self, model: SpectralOperator1D) -> None:
+        """Raise an ExpflowError when an array does not fit ``model``'s weights."""
+        for group in _STATE_GROUPS:
+            arrays = getattr(self, group)
+            for name, want in model.params.items():
+                got = arrays.get(name)
+                if got is None or got.shape != want.shape:
+                    shape = None if got is None else got.shape
+                    raise ExpflowError(
+                        f"checkpoint array {group}/{name} has shape {shape}, expected {want.shape}"
+                    )
 
 
 class SpectralOperator1D:
@@ -241,6 +284,11 @@ class _Adam:
         self.v = {k: np.zeros_like(v) for k, v in params.items()}
         self.beta1, self.beta2, self.t = beta1, beta2, 0
 
+    def restore(self, m: dict[str, np.ndarray], v: dict[str, np.ndarray], t: int) -> None:
+        self.m = {k: np.array(a, dtype=np.float64) for k, a in m.items()}
+        self.v = {k: np.array(a, dtype=np.float64) for k, a in v.items()}
+        self.t = int(t)
+
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
         self.t += 1
         c1 = 1.0 - self.beta1**self.t
@@ -297,11 +345,18 @@ def fit(
     max_seconds: float | None = None,
     max_steps: int | None = None,
     log: Callable[[str], None] | None = None,
+    resume: FitState | None = None,
+    save_state: Callable[[FitState], None] | None = None,
+    save_when: Callable[[int], bool] | None = None,
 ) -> tuple[SpectralOperator1D, FitResult]:
     """Train on trajectories ``u_train`` [N, nx, nt]; validate by rollout nRMSE on ``u_val``.
 
     ``on_epoch(epoch, values)`` is called after each epoch (1-based) with ``train_loss``,
     ``val_nrmse`` and ``val_rmse``; an exception it raises (e.g. a pruning signal) propagates.
+    Before it, ``save_state`` gets the :class:`FitState` of the epochs ``save_when(epoch)``
+    picks; ``resume`` (such a state, made with the same data and config) goes on after its
+    epoch, and the result is the same as an uninterrupted run's. ``config.epochs``,
+    ``max_steps`` and ``max_seconds`` count the resumed epochs, steps and seconds too.
     """
     config.check()
     u_train = np.asarray(u_train)
@@ -328,11 +383,46 @@ def fit(
         total_steps = min(total_steps, int(max_steps))
     rng = np.random.default_rng(config.seed + 1)
     adam = _Adam(model.params)
-    start = time.perf_counter()
     best = {k: v.copy() for k, v in model.params.items()}
     result = FitResult(0, math.inf, math.inf, math.nan, 0, 0, 0.0)
-    step = 0
-    for epoch in range(1, config.epochs + 1):
+    step, first = 0, 1
+    if resume is not None:
+        resume.check(model)
+        model.params = {k: np.array(v, dtype=np.float64) for k, v in resume.params.items()}
+        best = {k: np.array(v, dtype=np.float64) for k, v in resume.best.items()}
+        adam.restore(resume.adam_m, resume.adam_v, resume.adam_t)
+        try:
+            rng.bit_generator.state = resume.rng_state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ExpflowError(f"checkpoint RNG state is not usable ({exc})") from None
+        result = FitResult(**{**asdict(resume.result), "stopped": ""})
+        step, first = resume.step, resume.epoch + 1
+    spent = result.seconds  # seconds of earlier attempts count against max_seconds
+    start = time.perf_counter()
+
+    def snapshot(epoch: int) -> FitState:
+        result.seconds = spent + time.perf_counter() - start
+        return FitState(
+            epoch=epoch,
+            step=step,
+            params={k: v.copy() for k, v in model.params.items()},
+            best={k: v.copy() for k, v in best.items()},
+            adam_m={k: v.copy() for k, v in adam.m.items()},
+            adam_v={k: v.copy() for k, v in adam.v.items()},
+            adam_t=adam.t,
+            rng_state=rng.bit_generator.state,
+            result=FitResult(**{**asdict(result), "history": list(result.history)}),
+        )
+
+    for epoch in range(first, config.epochs + 1):
+        # Checked before an epoch rather than after it, so a resumed run stops where the
+        # uninterrupted one did.
+        if step >= total_steps:
+            result.stopped = f"step budget of {total_steps} optimizer steps reached"
+            break
+        if max_seconds is not None and spent + time.perf_counter() - start > max_seconds:
+            result.stopped = f"time budget of {max_seconds:g} s reached"
+            break
         order = rng.permutation(n_windows)
         losses = []
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
@@ -372,15 +462,11 @@ def fit(
                 f"epoch {epoch}/{config.epochs} train_loss={train_loss:.3e} "
                 f"val_nrmse={val_nrmse:.4f} val_rmse={val_rmse:.4f}"
             )
+        if save_state is not None and save_when is not None and save_when(epoch):
+            save_state(snapshot(epoch))
         if on_epoch is not None:
             on_epoch(epoch, values)
-        if step >= total_steps and epoch < config.epochs:
-            result.stopped = f"step budget of {total_steps} optimizer steps reached"
-            break
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            result.stopped = f"time budget of {max_seconds:g} s reached"
-            break
-    result.seconds = time.perf_counter() - start
+    result.seconds = spent + time.perf_counter() - start
     if result.best_epoch == 0:
         raise ExpflowError(
             f"training diverged before the first validation ({result.stopped or 'no epoch finished'}); "
@@ -388,3 +474,96 @@ def fit(
         )
     model.params = best
     return model, result
+
+
+def _checkpoint_arrays(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-e*.npz"))
+
+
+def save_checkpoint(folder: Path | str, state: FitState, made_with: dict[str, Any]) -> Path:
+    """Write ``state`` into ``folder``: arrays to ``checkpoint-e<epoch>.npz``, the rest and
+    ``made_with`` (the settings it belongs to) to ``checkpoint.json``; returns the manifest.
+
+    Each file is written atomically and the manifest last, naming its npz: a kill at any
+    moment leaves the previous checkpoint or the new one, whole.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        f"{group}__{name}": np.asarray(value, dtype=np.float64)
+        for group in _STATE_GROUPS
+        for name, value in getattr(state, group).items()
+    }
+    npz = folder / f"checkpoint-e{state.epoch:06d}.npz"
+    with atomic.replacing(npz, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "arrays": npz.name,
+        "arrays_sha256": hashlib.sha256(npz.read_bytes()).hexdigest(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "adam_t": state.adam_t,
+        "rng_state": state.rng_state,
+        "result": asdict(state.result),
+        "made_with": made_with,
+    }
+    # Python's json writes floats so they read back bit for bit (and inf/nan as Infinity/NaN).
+    path = atomic.write_json(folder / CHECKPOINT_FILE, manifest, default=None)
+    # The previous arrays, and temporary files of a save that was killed mid-write.
+    stale = [old for old in _checkpoint_arrays(folder) if old != npz]
+    stale += folder.glob(".checkpoint*.tmp*")
+    for old in stale:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    return path
+
+
+def load_checkpoint(folder: Path | str) -> tuple[FitState, dict[str, Any]] | None:
+    """The (state, made_with) saved by :func:`save_checkpoint` in ``folder``; None when there
+    is none; an ExpflowError naming the problem when it is damaged (no pickle is read)."""
+    folder = Path(folder)
+    path = folder / CHECKPOINT_FILE
+    if not path.exists():
+        if _checkpoint_arrays(folder):
+            raise ExpflowError(f"{CHECKPOINT_FILE} is missing beside the checkpoint arrays")
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if manifest.get("format") != CHECKPOINT_FORMAT:
+            raise ExpflowError(
+                f"{CHECKPOINT_FILE} has format {manifest.get('format')!r}, "
+                f"expected {CHECKPOINT_FORMAT}"
+            )
+        npz = folder / Path(str(manifest["arrays"])).name
+        data = npz.read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest["arrays_sha256"]:
+            raise ExpflowError(f"{npz.name} does not match the checksum in {CHECKPOINT_FILE}")
+        with np.load(npz, allow_pickle=False) as z:
+            groups = {
+                group: {
+                    name: np.asarray(z[f"{group}__{name}"], dtype=np.float64)
+                    for name in _PARAM_NAMES
+                }
+                for group in _STATE_GROUPS
+            }
+        fields = set(FitResult.__dataclass_fields__)
+        result = FitResult(**{k: v for k, v in manifest["result"].items() if k in fields})
+        state = FitState(
+            epoch=int(manifest["epoch"]),
+            step=int(manifest["step"]),
+            adam_t=int(manifest["adam_t"]),
+            rng_state=dict(manifest["rng_state"]),
+            result=result,
+            **groups,
+        )
+        made_with = dict(manifest["made_with"])
+    except ExpflowError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ExpflowError(f"{type(exc).__name__}: {exc}") from None
+    if state.epoch < 1 or len(result.history) != state.epoch:
+        raise ExpflowError(
+            f"{CHECKPOINT_FILE} says epoch {state.epoch} but holds {len(result.history)} epochs"
+        )
+    return state, made_with

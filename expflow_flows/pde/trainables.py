@@ -12,6 +12,13 @@ run's ``model.npz``), rolls it out on the test split, writes ``pred.hdf5`` and r
 Epoch rule: ``run.budget.epochs`` wins when it is set; otherwise ``params["epochs"]``; otherwise
 25. ``run.budget.seconds`` and ``run.budget.steps`` (optimizer steps) stop training early.
 
+Checkpoints: ``train`` saves its whole training state into ``run.checkpoint_dir`` every
+``checkpoint_every`` epochs (default 5; 0: never) and when ``run.stop_requested`` (a time
+limit is near), then reports, which ends such a run. Started again with a checkpoint made
+with the same settings there, it goes on from the epoch after it and ends with the metrics
+an uninterrupted run gives; the budget counts the epochs of every attempt together. A
+checkpoint made with other settings, or one that does not load, is set aside with a log line.
+
 The data is ``data_file`` when given (a real PDEBench file or one of ours); otherwise a cached
 synthetic file for ``problem`` with ``beta`` / ``nu`` / ``rho``, ``n_samples``, ``nx``, ``nt`` and
 ``data_seed`` (:func:`expflow_flows.pde.generate.ensure_dataset`).
@@ -22,13 +29,16 @@ The script versions (``expflow_flows/pde/scripts/*.py``) call :func:`script_main
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +48,25 @@ from expflow_flows.errors import ExpflowError
 from expflow_flows.pde.data import PDEData1D, read_1d, split_indices
 from expflow_flows.pde.generate import ensure_dataset
 from expflow_flows.pde.metrics import compute_metrics, write_predictions
-from expflow_flows.pde.model import MODEL_FILE, ModelConfig, SpectralOperator1D, fit
+from expflow_flows.pde.model import (
+    MODEL_FILE,
+    FitState,
+    ModelConfig,
+    SpectralOperator1D,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from expflow_flows.pde.registry import find_problem_for_file
-from expflow_flows.runs.trainable import Budget, RunContext
+from expflow_flows.runs.trainable import (
+    Budget,
+    RunContext,
+    checkpoint_requested,
+    request_checkpoint,
+)
 
 DEFAULT_EPOCHS = 25
+DEFAULT_CHECKPOINT_EVERY = 5
 PRED_FILE = "pred.hdf5"
 PROBLEM_CHOICES = ("advection", "burgers", "diffusion_reaction_1d", "diffusion_sorption")
 
@@ -194,7 +218,15 @@ MODEL_PARAMS: tuple[Param, ...] = (
     ),
     Param("seed", int, 0, "seed of weight init and shuffling", low=0),
 )
-TRAIN_PARAMS: tuple[Param, ...] = DATA_PARAMS + MODEL_PARAMS
+CHECKPOINT_PARAM = Param(
+    "checkpoint_every",
+    int,
+    DEFAULT_CHECKPOINT_EVERY,
+    "save a checkpoint to resume from every n epochs, and when a stop is requested (0: never)",
+    low=0,
+    high=100_000,
+)
+TRAIN_PARAMS: tuple[Param, ...] = DATA_PARAMS + MODEL_PARAMS + (CHECKPOINT_PARAM,)
 EVAL_PARAMS: tuple[Param, ...] = TRAIN_PARAMS + (
     Param("model", str, None, "model.npz to evaluate", default_text="the upstream run's model.npz"),
 )
@@ -276,8 +308,88 @@ def _splits(
     return out
 
 
+def _made_with(
+    config: ModelConfig,
+    source: dict[str, Any],
+    p: dict[str, Any],
+    split: dict[str, np.ndarray],
+    budget: Budget,
+) -> dict[str, Any]:
+    """The settings a checkpoint belongs to: a run resumes only from one made with these."""
+    digest = hashlib.sha256()
+    for part in ("fit", "val"):
+        digest.update(np.ascontiguousarray(split[part]))  # hashed in place, no copy
+    made_with = {
+        "model": asdict(config),
+        "max_steps": budget.steps,
+        "data": {**source, "val_ratio": p["val_ratio"]},
+        "split": {"fit": list(split["fit"].shape), "val": list(split["val"].shape)},
+        "data_sha256": digest.hexdigest(),
+    }
+    return json.loads(json.dumps(made_with, default=str))  # as it reads back from JSON
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            shown = (old, new) if key != "data_sha256" else ("…", "…")
+            out.append(f"{prefix}{key} {shown[0]!r} -> {shown[1]!r}")
+    return out
+
+
+def _resume_state(
+    folder: Path, made_with: dict[str, Any], config: ModelConfig, nx: int
+) -> FitState | None:
+    """The checkpoint in ``folder`` to go on from, or None (with a log line saying why)."""
+    try:
+        found = load_checkpoint(folder)
+        if found is None:
+            return None
+        state, saved = found
+        diff = _differences(saved, made_with)
+        if diff:
+            _log(
+                f"pde train: ignoring the checkpoint in {folder}: it was made with other "
+                f"settings ({'; '.join(diff[:3])}{'; …' if len(diff) > 3 else ''}); "
+                "starting from scratch"
+            )
+            return None
+        state.check(SpectralOperator1D(config, nx))
+    except ExpflowError as exc:
+        _log(
+            f"pde train: the checkpoint in {folder} could not be loaded ({exc}); "
+            "starting from scratch"
+        )
+        return None
+    return state
+
+
+@dataclass
+class _Checkpoints:
+    """Where and when ``train`` saves: every ``every`` epochs, and when a stop is requested."""
+
+    folder: Path
+    every: int
+    made_with: dict[str, Any]
+    run: RunContext
+
+    def due(self, epoch: int) -> bool:
+        return epoch % self.every == 0 or self.run.stop_requested
+
+    def save(self, state: FitState) -> None:
+        save_checkpoint(self.folder, state, self.made_with)
+        _log(f"pde train: checkpoint of epoch {state.epoch} saved in {self.folder}")
+
+
 def train(params: dict[str, Any], run: RunContext) -> dict[str, float]:
-    """Train the baseline on the training split; report ``val_nrmse`` per epoch; save ``model.npz``."""
+    """Train the baseline on the training split; report ``val_nrmse`` per epoch; save ``model.npz``.
+
+    Checkpoints go to ``run.checkpoint_dir`` (see the module docstring); a run started
+    with a matching one there goes on from it."""
     p = check_params(params, TRAIN_PARAMS)
     p["_problem_given"] = "problem" in params
     budget = run.budget or Budget()
@@ -304,6 +416,14 @@ def train(params: dict[str, Any], run: RunContext) -> dict[str, float]:
         f"pde train: modes={config.modes} initial_step={config.initial_step} width={config.width} "
         f"lr={config.lr:g} l2={config.l2:g} epochs={epochs} batch_size={config.batch_size}"
     )
+    every = p["checkpoint_every"]
+    folder = Path(run.checkpoint_dir) if run.checkpoint_dir and every else None
+    made_with = _made_with(config, source, p, split, budget)
+    resume = _resume_state(folder, made_with, config, nx) if folder else None
+    if resume is not None:
+        _log(f"pde train: resumed from epoch {resume.epoch} (checkpoint in {folder})")
+
+    saver = _Checkpoints(folder, every, made_with, run) if folder else None
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
         run.report(epoch, val_nrmse=values["val_nrmse"])
@@ -316,6 +436,9 @@ def train(params: dict[str, Any], run: RunContext) -> dict[str, float]:
         max_seconds=budget.seconds,
         max_steps=budget.steps,
         log=_log,
+        resume=resume,
+        save_state=saver.save if saver else None,
+        save_when=saver.due if saver else None,
     )
     if result.stopped:
         _log(f"pde train: stopped early: {result.stopped}")
@@ -335,6 +458,7 @@ def train(params: dict[str, Any], run: RunContext) -> dict[str, float]:
                 "steps": result.steps,
                 "seconds": round(result.seconds, 3),
                 "stopped": result.stopped,
+                "resumed_from_epoch": resume.epoch if resume else None,
             },
         },
     )
@@ -379,7 +503,8 @@ def evaluate(params: dict[str, Any], run: RunContext) -> dict[str, float]:
         data_p["data_file"] = None  # new generation settings mean a different generated file
     data_p.update(explicit)
     data_p = check_params({k: v for k, v in data_p.items() if v is not None}, DATA_PARAMS)
-    ignored = sorted(k for k in params if k in {s.name for s in MODEL_PARAMS})
+    train_only = {s.name for s in MODEL_PARAMS} | {CHECKPOINT_PARAM.name}
+    ignored = sorted(k for k in params if k in train_only)
     if ignored:
         _log(f"note: evaluate uses the trained model's settings, not: {', '.join(ignored)}")
     t0 = time.perf_counter()
@@ -462,6 +587,25 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigusr1() -> None:
+    """The runner sends SIGUSR1 (and writes $EXPFLOW_STOP_FILE) when the job is about to
+    end: the stage then sees ``run.stop_requested``, saves its checkpoint and stops,
+    instead of being killed by the signal's default action."""
+
+    def stop(signum: int, frame: Any) -> None:
+        why = ""
+        stop_file = os.environ.get("EXPFLOW_STOP_FILE")
+        if stop_file:
+            with contextlib.suppress(OSError, ValueError):
+                why = Path(stop_file).read_text(encoding="utf-8").strip()
+        why = why or "its job is about to end"
+        request_checkpoint(why)
+
+    if hasattr(signal, "SIGUSR1"):
+        with contextlib.suppress(ValueError):  # not the main thread: no handler there
+            signal.signal(signal.SIGUSR1, stop)
+
+
 def script_main(stage: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of the script trainables: parse ``--name value`` args, run the stage, write metrics."""
     fn, _ = STAGES[stage]
@@ -475,18 +619,28 @@ def script_main(stage: str, argv: Sequence[str] | None = None) -> int:
         )
         return False
 
+    _stop_on_sigusr1()
     try:
         upstream = os.environ.get("EXPFLOW_UPSTREAM_RUN_DIR")
+        checkpoint = os.environ.get("EXPFLOW_CHECKPOINT_DIR")
         run = RunContext(
             run_dir=Path(os.environ.get("EXPFLOW_RUN_DIR") or Path.cwd()),
             budget=_env_budget(),
             upstream=Path(upstream) if upstream else None,
             hook=hook,
+            checkpoint_dir=Path(checkpoint) if checkpoint else None,
         )
         metrics = fn(args, run)
     except ExpflowError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except BaseException:
+        why = checkpoint_requested()
+        if why is None:
+            raise
+        # run.report ended the run after its checkpoint was saved: not a crash.
+        print(f"stopped to be resumed ({why})", file=sys.stderr, flush=True)
+        return 3
     metrics_file = os.environ.get("EXPFLOW_METRICS_FILE")
     if metrics_file:
         Path(metrics_file).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

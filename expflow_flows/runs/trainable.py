@@ -11,6 +11,14 @@ A trainable is named by a string:
   ``EXPFLOW_METRICS_FILE`` or prints ``EXPFLOW_METRIC name=value`` lines;
   ``EXPFLOW_METRIC step=N name=value`` lines are intermediate values.
 
+Long runs checkpoint: every run has a checkpoint folder (``run.checkpoint_dir``,
+``$EXPFLOW_CHECKPOINT_DIR``) that its caller keeps stable across retries and requeues, so
+a retried run resumes from what it saved there. When the run must stop early (a Slurm
+time limit is near, the job is preempted), :func:`request_checkpoint` tells it: a script
+gets ``SIGUSR1`` and a file at ``$EXPFLOW_STOP_FILE``; a callable sees
+``run.stop_requested`` and its next ``run.report`` ends it. Such a run ends
+``failed`` with a reason starting "stopped to be resumed", which callers retry.
+
 Either kind can record the LLM calls it makes (``run.log_llm_call(...)`` or an
 ``EXPFLOW_LLM {json}`` line; see :mod:`expflow_flows.runs.llm_calls`).
 
@@ -204,11 +212,41 @@ class RunContext:
     upstream: Path | None = None
     hook: ReportHook | None = None
     intermediate: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+    gpus: tuple[str, ...] = ()
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the run should save a checkpoint and return (a time limit is near)."""
+        return _stop_reason(self.run_dir) is not None
+
+    visible_only: bool = True  # CUDA_VISIBLE_DEVICES shows this run its own GPUs only
+
+    @property
+    def device(self) -> str:
+        """The torch device this run should use: its first GPU, else ``cpu``.
+
+        Where the process runs this callable alone, ``CUDA_VISIBLE_DEVICES`` names only the
+        run's GPUs, so that is ``cuda:0``; where callables share a process (the threads
+        runner) it is the GPU's own index."""
+        if not self.gpus:
+            return "cpu"
+        first = self.gpus[0]
+        return "cuda:0" if self.visible_only or not first.isdigit() else f"cuda:{first}"
 
     def report(self, step: int, **values: float) -> None:
-        """Record intermediate values; raises :class:`Pruned` when the pruner says stop."""
+        """Record intermediate values; raises :class:`Pruned` when the pruner says stop.
+
+        Once a stop is requested (:attr:`stop_requested`) it ends the run: save the
+        checkpoint before reporting."""
         if _STOP.is_set():
             raise _Stopped(f"stopped at step {step}: its flow run is being cancelled or shut down")
+        why = _stop_reason(self.run_dir)
+        if why is not None:
+            self.intermediate.append(
+                {"step": int(step), **{k: float(v) for k, v in values.items()}}
+            )
+            raise _Stopped(f"{STOPPED_TO_RESUME} at step {step} ({why})")
         clean = {k: float(v) for k, v in values.items()}
         self.intermediate.append({"step": int(step), **clean})
         if self.hook is not None and self.hook(int(step), clean):
@@ -240,6 +278,7 @@ class RunResult:
     peak_rss_mb: float | None = None
     llm_calls: int = 0
     llm_cost_usd: float = 0.0
+    checkpoint_dir: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -320,6 +359,29 @@ class _Stopped(BaseException):
     A BaseException, so a trainable's own ``except Exception`` does not swallow it."""
 
 
+# Reasons that say the machine failed a run, not its parameters: a retry may succeed.
+MACHINE_FAILURES = (
+    "no space left on device",
+    "disk quota exceeded",
+    "disk is full",
+    "database or disk is full",
+    "disk i/o error",
+    "worker was lost",
+    "killedworker",
+    "killed by signal 9",
+    "its process stopped",
+    "stopped to be resumed",
+    "killed by signal 15",
+)
+
+
+def is_machine_failure(reason: str) -> bool:
+    """Whether a failed run's reason says the machine failed it (a full disk, a lost
+    worker, a killed process, a stop for a time limit): a retry may succeed."""
+    low = reason.lower()
+    return any(word in low for word in MACHINE_FAILURES)
+
+
 # Set when the flow run that started the callables of this process is ending (cancelled,
 # crashed): callables running in threads cannot be killed, and an interpreter waits for
 # them at exit, so a cancelled run would wait for the whole training. They stop at their
@@ -335,6 +397,93 @@ def request_stop() -> None:
 def clear_stop() -> None:
     """A new run starts: callables run again."""
     _STOP.clear()
+
+
+# The start of the reason of a run stopped so that it can resume later (a time limit or a
+# preemption is near); callers retry such runs from their checkpoint folder.
+STOPPED_TO_RESUME = "stopped to be resumed"
+STOP_FILE = "EXPFLOW_STOP"  # written into a run folder when the run is told to stop
+_stopping: dict[str, str] = {}  # "reason": why this process's runs must checkpoint and stop
+_processes: dict[str, subprocess.Popen] = {}  # run folder -> its running script or command
+_process_lock = threading.Lock()
+
+
+def request_checkpoint(reason: str) -> list[str]:
+    """Tell every run of this process to save a checkpoint and stop, because its job ends
+    soon (``reason`` says why); runs that start afterwards stop before they begin.
+
+    Scripts and commands get ``SIGUSR1`` (to their process group) and a file at
+    ``$EXPFLOW_STOP_FILE`` holding the reason; callables see ``run.stop_requested``.
+    Returns the run folders of the scripts and commands told.
+    """
+    import signal
+
+    with _process_lock:
+        _stopping["reason"] = reason
+        running = dict(_processes)
+    for folder, proc in running.items():
+        with contextlib.suppress(OSError):
+            (Path(folder) / STOP_FILE).write_text(reason + "\n", encoding="utf-8")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGUSR1)
+    return sorted(running)
+
+
+def checkpoint_requested() -> str | None:
+    """Why this process's runs were told to stop, or None."""
+    return _stopping.get("reason")
+
+
+def clear_checkpoint_request() -> None:
+    """A new attempt starts (after a requeue): runs go on again."""
+    _stopping.pop("reason", None)
+
+
+def _stop_reason(run_dir: Path | None = None) -> str | None:
+    return _stopping.get("reason")
+
+
+class _StopWatch:
+    """Watches stop files (one per flow run, written when its job is about to end) from
+    every process that runs its trainables, and passes a stop on to them."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.ticker: Ticker | None = None
+
+    def tick(self) -> None:
+        with self.lock:
+            files = list(self.files)
+        for name in files:
+            try:
+                reason = Path(name).read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if checkpoint_requested() is None:
+                request_checkpoint(reason or "its job is about to end")
+
+    @contextlib.contextmanager
+    def watching(self, stop_file: Path | None) -> Iterator[None]:
+        if stop_file is None:
+            yield
+            return
+        name = str(stop_file)
+        with self.lock:
+            self.files[name] = self.files.get(name, 0) + 1
+            if self.ticker is None:
+                self.ticker = Ticker(POLL_S, self.tick, "expflow-stopwatch").start()
+        self.tick()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.files[name] -= 1
+                if not self.files[name]:
+                    del self.files[name]
+
+
+_stop_watch = _StopWatch()
 
 
 class _RunFailure(Exception):
@@ -353,29 +502,40 @@ def run_trainable(
     arg_style: ArgStyle = "argparse",
     extra_env: dict[str, str] | None = None,
     launch: Launch | dict[str, Any] | None = None,
+    checkpoint_dir: Path | str | None = None,
+    stop_file: Path | str | None = None,
+    devices: Any = None,
 ) -> RunResult:
     """Run ``trainable`` on ``params`` in ``run_dir`` and record everything there.
 
     ``launch`` says how a script or command starts (interpreter, command line, working
     directory, environment, upstream files, metric sources); with a ``command`` in it,
-    ``trainable`` is only its label.
+    ``trainable`` is only its label. ``checkpoint_dir`` is the run's checkpoint folder
+    (default: ``checkpoint`` in the run folder), which a caller that retries keeps the
+    same; ``stop_file`` is a file whose appearance tells the run to checkpoint and stop
+    (see :func:`request_checkpoint`); ``devices`` (a
+    :class:`~expflow_flows.runs.devices.DeviceRequest` or its plain data) gives the run
+    GPUs of its own.
 
     Never raises for a failing trainable: the failure is in the result and in the
     run directory's ``status`` file.
     """
     try:
-        return _run_trainable(
-            trainable,
-            params,
-            run_dir,
-            budget,
-            upstream,
-            hook,
-            timeout,
-            arg_style,
-            extra_env,
-            launch,
-        )
+        with _stop_watch.watching(Path(stop_file) if stop_file else None):
+            return _run_trainable(
+                trainable,
+                params,
+                run_dir,
+                budget,
+                upstream,
+                hook,
+                timeout,
+                arg_style,
+                extra_env,
+                launch,
+                Path(checkpoint_dir) if checkpoint_dir else None,
+                devices,
+            )
     except OSError as exc:
         full = disk_full(exc, run_dir)
         if full is None:
@@ -396,6 +556,8 @@ def _run_trainable(
     arg_style: ArgStyle,
     extra_env: dict[str, str] | None,
     launch: Launch | dict[str, Any] | None,
+    checkpoint_dir: Path | None = None,
+    devices: Any = None,
 ) -> RunResult:
     how = Launch.from_value(launch)
     if how.command:
@@ -406,6 +568,10 @@ def _run_trainable(
     params = how.with_budget(params, budget.as_dict())
     rd = RunDir.create(Path(run_dir))
     rd.write_params(params)
+    with contextlib.suppress(FileNotFoundError):
+        (rd.path / STOP_FILE).unlink()  # a stop told to an earlier attempt in this folder
+    ckpt = checkpoint_dir or rd.path / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cpu0 = time.process_time()
     meta: dict[str, Any] = {
@@ -415,23 +581,57 @@ def _run_trainable(
         "upstream": str(upstream) if upstream else None,
         "started_at": started,
         "pid": os.getpid(),
+        "checkpoint": {"dir": str(ckpt), "resumed": any(ckpt.iterdir())},
     }
-    if spec.kind == "callable":
-        result = _run_callable(spec, params, rd, budget, upstream, hook)
-        meta["cpu_s"] = round(time.process_time() - cpu0, 3)
-        # A callable shares its process: this is the process's high-water mark.
-        meta["peak_rss_mb"] = round(_maxrss_mb(resource.getrusage(resource.RUSAGE_SELF)), 1)
-    else:
-        result = _run_process(
-            spec, params, rd, budget, upstream, hook, timeout, arg_style, extra_env or {}, how
-        )
-        meta.update(result.pop("meta", {}))
+    with _devices_held(devices) as gpus:
+        if gpus is not None:
+            meta["gpus"] = list(gpus)
+        if checkpoint_requested() is not None:
+            result = {
+                "status": "failed",
+                "reason": f"{STOPPED_TO_RESUME} before it started ({checkpoint_requested()})",
+                "metrics": {},
+                "intermediate": [],
+            }
+        elif spec.kind == "callable":
+            result = _run_callable(spec, params, rd, budget, upstream, hook, ckpt, gpus)
+            meta["cpu_s"] = round(time.process_time() - cpu0, 3)
+            # A callable shares its process: this is the process's high-water mark.
+            meta["peak_rss_mb"] = round(_maxrss_mb(resource.getrusage(resource.RUSAGE_SELF)), 1)
+        else:
+            env = {
+                **(extra_env or {}),
+                "EXPFLOW_CHECKPOINT_DIR": str(ckpt),
+                "EXPFLOW_STOP_FILE": str(rd.path / STOP_FILE),
+                **_device_env(gpus),
+            }
+            result = _run_process(
+                spec, params, rd, budget, upstream, hook, timeout, arg_style, env, how
+            )
+            meta.update(result.pop("meta", {}))
     status, reason, metrics, intermediate = (
         result["status"],
         result["reason"],
         result["metrics"],
         result["intermediate"],
     )
+    why = checkpoint_requested()
+    if why is not None and status not in ("ok", "warning") and STOPPED_TO_RESUME not in reason:
+        # Told to stop (SIGUSR1, the stop file): however it ended, it resumes later.
+        status, reason = "failed", f"{STOPPED_TO_RESUME} ({why}); it ended: {reason}"
+    meta["checkpoint"]["files"] = _count_files(ckpt)
+    if not meta["checkpoint"]["files"]:
+        with contextlib.suppress(OSError):
+            ckpt.rmdir()  # nothing was saved: no empty folder left behind
+    if intermediate:
+        steps = sorted(intermediate, key=lambda row: row["step"])
+        meta["progress"] = {
+            "first_step": steps[0]["step"],
+            "last_step": steps[-1]["step"],
+            "last": steps[-1],
+        }
+    if status not in ("ok", "warning"):
+        meta["reason"] = reason
     found_warnings = rd.scan_warnings(WARNING_RE)
     if status == "ok" and found_warnings:
         status = "warning"
@@ -456,7 +656,39 @@ def _run_trainable(
         peak_rss_mb=meta.get("peak_rss_mb"),
         llm_calls=llm.calls,
         llm_cost_usd=round(llm.cost_usd, 10),
+        checkpoint_dir=str(ckpt),
     )
+
+
+def _count_files(folder: Path) -> int:
+    try:
+        return sum(1 for path in folder.rglob("*") if path.is_file())
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def _devices_held(devices: Any) -> Iterator[tuple[str, ...] | None]:
+    """The GPUs this run holds while it runs (None: no devices were asked for)."""
+    if devices is None:
+        yield None
+        return
+    from expflow_flows.runs import devices as devices_mod
+
+    request = devices_mod.DeviceRequest.from_value(devices)
+    if request is None:
+        yield None
+        return
+    with devices_mod.hold(request) as held:
+        yield tuple(held)
+
+
+def _device_env(gpus: tuple[str, ...] | None) -> dict[str, str]:
+    if gpus is None:
+        return {}
+    from expflow_flows.runs import devices as devices_mod
+
+    return devices_mod.env_for(gpus)
 
 
 class _LogHandler(logging.Handler):
@@ -579,13 +811,25 @@ def _run_callable(
     budget: Budget,
     upstream: Path | str | None,
     hook: ReportHook | None,
+    checkpoint_dir: Path | None = None,
+    gpus: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     ctx = RunContext(
         run_dir=rd.path,
         budget=budget,
         upstream=Path(upstream) if upstream else None,
         hook=hook,
+        checkpoint_dir=checkpoint_dir or rd.path / "checkpoint",
+        gpus=tuple(gpus or ()),
     )
+    saved_env: dict[str, str | None] | None = None
+    if gpus is not None:
+        with _route_lock:
+            if not _run_dirs:  # alone in this process: its environment is the run's
+                wanted = _device_env(gpus)
+                saved_env = {k: os.environ.get(k) for k in wanted}
+                os.environ.update(wanted)
+        ctx.visible_only = saved_env is not None
     status: Status = "ok"
     reason = ""
     metrics: dict[str, float] = {}
@@ -617,6 +861,11 @@ def _run_callable(
                 log.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
         finally:
             _leave_run_dir(rd.path)
+            for key, value in (saved_env or {}).items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     return {
         "status": status,
         "reason": reason,
@@ -768,12 +1017,18 @@ def _run_process(
                 errors="replace",
                 bufsize=1,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             reason = f"{spec.kind} {spec.spec!r} could not start: {exc.strerror or exc}"
             log.write(f"expflow: {reason}\n")
             return {"status": "failed", "reason": reason, "metrics": {}, "intermediate": []}
         meta["child_pid"] = proc.pid
+        with _process_lock:
+            _processes[str(rd.path)] = proc
+            told = checkpoint_requested()
+        if told is not None:  # asked between the start and the registration
+            request_checkpoint(told)
         timer = None
         if timeout:
 
@@ -806,6 +1061,8 @@ def _run_process(
         if sources.patterns:
             take(follower.close())
         returncode, usage = _wait_with_usage(proc)
+        with _process_lock:
+            _processes.pop(str(rd.path), None)
         if poller is not None:
             poller.stop()
         if usage is not None:
@@ -904,6 +1161,22 @@ def _script_outcome(
 def _maxrss_mb(usage: Any) -> float:
     # Linux reports ru_maxrss in KiB.
     return usage.ru_maxrss / 1024.0
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: be killed when the process that started it dies (a
+    Dask worker killed, a lost node's runner), so an orphan never goes on writing into a
+    checkpoint folder that a retry now uses (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort: the run goes on without it
+        return
 
 
 def _wait_with_usage(proc: subprocess.Popen) -> tuple[int, Any]:

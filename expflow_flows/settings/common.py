@@ -450,6 +450,25 @@ def check_dask_address(value: str) -> str:
 DaskAddress = Annotated[str, AfterValidator(check_dask_address)]
 
 
+def _device_ids(value: Any) -> Any:
+    """``'auto'``, or device ids from ``[0, 1]``, ``['0', '1']`` or ``'0,1'`` (as strings)."""
+    from expflow_flows.runs.devices import parse_gpus
+
+    if value is None:
+        return None
+    gpus = parse_gpus(value)
+    return gpus if isinstance(gpus, str) else list(gpus)
+
+
+def _devices_per_run(value: Any) -> Any:
+    from expflow_flows.runs.devices import parse_per_run
+
+    return parse_per_run(value)
+
+
+DeviceIds = Annotated[Literal["auto"] | list[str] | None, BeforeValidator(_device_ids)]
+
+
 class ClusterSettings(Settings):
     """Where runs execute in parallel: one factory serves the pipeline and the sweep."""
 
@@ -467,6 +486,19 @@ class ClusterSettings(Settings):
         "scheduler file (.json).",
     )
     slurm: SlurmSettings | None = Field(None, description="Slurm job settings (kind 'slurm').")
+    gpus: DeviceIds = Field(
+        None,
+        description="GPUs the runs use: 'auto' (discovered from CUDA_VISIBLE_DEVICES, "
+        "NVIDIA_VISIBLE_DEVICES, the Slurm job's allocation or nvidia-smi) or a list of "
+        "device ids such as [0, 1, 2, 3]; each concurrent run gets its own "
+        "(CUDA_VISIBLE_DEVICES, EXPFLOW_GPUS).",
+    )
+    gpus_per_run: Annotated[float, AfterValidator(_devices_per_run)] = Field(
+        1,
+        gt=0,
+        description="GPUs each run takes: a whole number, or a fraction 1/k (0.5, 0.25) so "
+        "that k runs share one device.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ClusterSettings:
@@ -501,8 +533,37 @@ class ClusterSettings(Settings):
             )
         return address
 
+    def device_request(self, gpu_resource: float | None = None) -> dict[str, Any] | None:
+        """The runs' GPUs as :class:`~expflow_flows.runs.devices.DeviceRequest` plain data,
+        or None when none are asked for. ``gpu_resource`` is a sweep's ``resources.gpu``
+        (GPUs per combination): without ``gpus`` it means ``gpus: auto``."""
+        from expflow_flows.runs.devices import parse_per_run
+
+        if self.gpus is None and not gpu_resource:
+            return None
+        per_run = self.gpus_per_run
+        if gpu_resource:
+            try:
+                wanted = parse_per_run(gpu_resource)
+            except ValueError as exc:
+                raise ExpflowError(f"resources.gpu={gpu_resource:g}: {exc}") from None
+            # The default of 1 cannot be told from a 1 that was given: resources.gpu wins.
+            if per_run != 1 and per_run != wanted:
+                raise ExpflowError(
+                    f"resources.gpu={wanted:g} but cluster.gpus_per_run={per_run:g}; both are "
+                    "GPUs per run: give one of them"
+                )
+            per_run = wanted
+        return {"gpus": "auto" if self.gpus is None else self.gpus, "per_run": per_run}
+
+    def runs_here(self) -> bool:
+        """Whether the runs execute on this machine (threads, or a new local cluster)."""
+        return self.kind == "threads" or (self.kind == "local" and not self.address)
+
     def check(self) -> None:
-        """A scheduler given by address must answer, within a few seconds (one line if not)."""
+        """GPUs asked for must exist here, for as many runs as there are workers; a scheduler
+        given by address must answer within a few seconds (one line if not)."""
+        self._check_gpus()
         address = self.scheduler_address()
         if address is None:
             return
@@ -522,6 +583,35 @@ class ClusterSettings(Settings):
                 f"cluster.address {address}{given}: no Dask scheduler answers there ({why}); "
                 "start one (dask scheduler) or leave cluster.address unset for a new cluster"
             ) from None
+
+    def _check_gpus(self) -> None:
+        """On this machine: GPUs 'auto' must find some, and every worker must get a slot."""
+        import math
+
+        from expflow_flows.runs.devices import DeviceRequest
+
+        request = DeviceRequest.from_value(self.device_request())
+        if request is None or not self.runs_here():
+            return
+        try:
+            devices = request.devices()
+        except ExpflowError as exc:
+            raise ExpflowError(f"cluster.{exc}") from None
+        ids = ",".join(devices)
+        if request.devices_per_run > len(devices):
+            raise ExpflowError(
+                f"cluster.gpus_per_run={self.gpus_per_run:g} needs {request.devices_per_run} devices "
+                f"per run but gpus {ids} has {len(devices)}"
+            )
+        at_once = request.runs_at_once(len(devices))
+        if self.workers > at_once:
+            shares = math.ceil(self.workers / len(devices))
+            hint = "1" if shares == 1 else f"{1 / shares:g}"
+            raise ExpflowError(
+                f"cluster.workers={self.workers} but gpus {ids} with gpus_per_run "
+                f"{self.gpus_per_run:g} give {at_once} runs at once; lower workers or set "
+                f"gpus_per_run: {hint}"
+            )
 
 
 class OffpeakSettings(Settings):

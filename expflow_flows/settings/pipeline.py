@@ -87,6 +87,15 @@ class HpoSettings(Settings):
     trial_timeout: PositiveSeconds | None = Field(
         None, description="Seconds after which a trial is stopped and recorded failed."
     )
+    retries: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Times a trial whose process died (killed, its worker or node lost) is "
+        "retried as a new trial with the same parameters, resuming from its checkpoint "
+        "folder; it counts once towards n_trials. A trial stopped for a time limit is "
+        "resumed without using one up.",
+    )
 
 
 class SubmitSettings(Settings):

@@ -109,7 +109,13 @@ class SweepSettings(Settings):
     chunk_size: int | None = Field(
         None, ge=1, description="Combinations per Prefect task (default: sized automatically)."
     )
-    retries: int = Field(2, ge=0, description="Retries of a combination whose worker was lost.")
+    retries: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Retries of a combination whose worker was lost or whose process was "
+        "killed; it resumes from its checkpoint folder.",
+    )
     resources: ResourceSettings = Field(
         default_factory=ResourceSettings, description="What one combination needs."
     )

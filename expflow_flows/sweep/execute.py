@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expflow_flows.runs.trainable import run_trainable
+from expflow_flows.runs.trainable import STOPPED_TO_RESUME, is_machine_failure, run_trainable
 
 LOG_EXCERPT_LINES = 20
 
@@ -31,6 +31,7 @@ class StepPlan:
     cached: bool = False  # completed before with this key: reuse its folder
     arg_style: str | None = None  # None: the combination's
     launch: dict[str, Any] | None = None  # how a script or command starts (runs.launch)
+    checkpoint_dir: str | None = None  # kept across retries and re-runs: the step resumes
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,18 @@ def _excerpt(run_dir: Path, n: int = LOG_EXCERPT_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
+def run_combination(
+    plan: dict[str, Any],
+    *,
+    stop_file: str | None = None,
+    devices: dict[str, Any] | None = None,
+    retries: int = 0,
+) -> list[dict[str, Any]]:
     """Run the combination's uncached steps in order; one result row per step that ran.
 
-    A failed step stops the chain: later steps would read missing outputs.
+    A step the machine failed (its process killed) runs again, up to ``retries`` times,
+    in the same folders: it resumes from its checkpoint folder. A failed step stops the
+    chain: later steps would read missing outputs.
     """
     params = plan["params"]
     rows: list[dict[str, Any]] = []
@@ -74,16 +83,32 @@ def run_combination(plan: dict[str, Any]) -> list[dict[str, Any]]:
             upstream = str(run_dir)
             continue
         started = time.time()
-        result = run_trainable(
-            step["trainable"],
-            params,
-            run_dir,
-            budget=step.get("budget"),
-            upstream=upstream,
-            timeout=step.get("timeout"),
-            arg_style=step.get("arg_style") or plan.get("arg_style", "argparse"),
-            launch=step.get("launch"),
-        )
+        for attempt in range(retries + 1):
+            result = run_trainable(
+                step["trainable"],
+                params,
+                run_dir,
+                budget=step.get("budget"),
+                upstream=upstream,
+                timeout=step.get("timeout"),
+                arg_style=step.get("arg_style") or plan.get("arg_style", "argparse"),
+                launch=step.get("launch"),
+                checkpoint_dir=step.get("checkpoint_dir"),
+                stop_file=stop_file,
+                devices=devices,
+            )
+            if (
+                result.ok
+                or STOPPED_TO_RESUME in result.reason
+                or not is_machine_failure(result.reason)
+                or attempt == retries
+            ):
+                break
+            with open(run_dir / "output.log", "a", encoding="utf-8") as log:
+                log.write(
+                    f"expflow: {result.reason}; retry {attempt + 1} of {retries} resumes "
+                    f"from {result.checkpoint_dir}\n"
+                )
         rows.append(
             {
                 "key": step["key"],
@@ -131,7 +156,12 @@ def failed_row(plan: dict[str, Any], reason: str) -> dict[str, Any]:
     }
 
 
-def run_batch(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_batch(
+    plans: list[dict[str, Any]],
+    stop_file: str | None = None,
+    devices: dict[str, Any] | None = None,
+    retries_in_place: int = 0,
+) -> list[dict[str, Any]]:
     """Run several combinations in one Dask task, so Dask's per-task cost is shared.
 
     A combination that raises (a bug of ours, not a trainable failure, which is a row)
@@ -140,7 +170,11 @@ def run_batch(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for plan in plans:
         try:
-            rows.extend(run_combination(plan))
+            rows.extend(
+                run_combination(
+                    plan, stop_file=stop_file, devices=devices, retries=retries_in_place
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - one combination must not sink its batch
             rows.append(failed_row(plan, f"{type(exc).__name__}: {exc}"))
     return rows
@@ -163,10 +197,18 @@ class ChunkRunner:
     """
 
     def __init__(
-        self, client: Any, store: Any, *, retries: int, resources: dict[str, float]
+        self,
+        client: Any,
+        store: Any,
+        *,
+        retries: int,
+        resources: dict[str, float],
+        stop_file: str | None = None,
+        devices: dict[str, Any] | None = None,
     ) -> None:
         self.client, self.store = client, store
         self.retries, self.resources = retries, resources
+        self.stop_file, self.devices = stop_file, devices
         self.seconds_each: float | None = None
 
     def run(self, index: int, plans: list[dict[str, Any]]) -> dict[str, int]:
@@ -187,6 +229,11 @@ class ChunkRunner:
             pure=False,
             retries=self.retries,
             resources=self.resources or None,
+            stop_file=self.stop_file,
+            devices=self.devices,
+            # a killed process is retried in place (from its checkpoint); Dask's own
+            # retries cover a lost worker
+            retries_in_place=self.retries,
         )
         counts = {"ok": 0, "warning": 0, "pruned": 0, "failed": 0}
         buffer: list[dict[str, Any]] = []

@@ -60,6 +60,9 @@ def plan_combinations(
                         cached=cached,
                         arg_style=step.arg_style,
                         launch=step.launch(),
+                        checkpoint_dir=str(
+                            sweep_dir / "checkpoints" / combo.id / f"{step.name}-{key[:10]}"
+                        ),
                     )
                 )
             if rerun:
