@@ -3,7 +3,7 @@
 #
 #   make demo    generate data, start/reuse a local Prefect server, run the pipeline
 #   make test    install the dev extras and run the test suite
-#   make bench   PIN guess cost; HPO and sweep overhead; metric capture cost
+#   make bench   PIN guess cost; HPO and sweep overhead; metric capture; checkpoints
 #   make lint    ruff check + format check + import contracts (lint-imports)
 #   make server  local Prefect server with UI (background; `make server-stop`)
 #   make deploy  register prefect.yaml's deployments on that server
@@ -74,6 +74,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_hpo.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_capture.py
+	$(PY) benchmarks/bench_checkpoint.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check expflow_flows tests benchmarks

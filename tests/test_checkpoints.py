@@ -229,3 +229,47 @@ def test_a_script_dies_with_the_process_that_started_it(tmp_path):
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     raise AssertionError("the script outlived the process that started it")
+
+
+def test_the_slurm_guard_keeps_the_margin_asked_for_and_stops_on_sigusr1(tmp_path, monkeypatch):
+    """Slurm's warning signal may come up to a minute early: with the job's end time
+    known, the guard waits for the margin asked for; without it, it stops at once."""
+    from expflow_flows.runs import slurmjob
+
+    monkeypatch.setenv("SLURM_JOB_ID", "424242")
+    monkeypatch.setenv(slurmjob.LIMIT_ENV, "2")
+    monkeypatch.setenv(slurmjob.WARNING_ENV, "30")
+    stop = tmp_path / "stops" / "run"
+    said: list[str] = []
+    try:
+        with slurmjob.guard(stop, said.append) as guard:
+            assert guard is not None and guard.ends is None  # scontrol knows no job 424242
+            guard.ends = time.time() + 300
+            guard.timer = threading.Timer(3600, lambda: None)
+            guard.warned("Slurm job 424242 was warned (SIGUSR1)")
+            assert trainable_mod.checkpoint_requested() is None and not stop.exists()
+            assert "the trainables checkpoint 30 s before it" in said[-1]
+            guard.timer = None
+            os.kill(os.getpid(), signal.SIGUSR1)  # the end time unknown: at once
+            deadline = time.monotonic() + 10
+            while trainable_mod.checkpoint_requested() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert trainable_mod.checkpoint_requested() == "Slurm job 424242 was warned (SIGUSR1)"
+        assert stop.read_text().startswith("Slurm job 424242 was warned")
+        # the handlers are Python's own again once the flow is done
+        assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+    finally:
+        trainable_mod.clear_checkpoint_request()
+
+
+def test_requeue_stops_at_the_limit_and_outside_a_job(monkeypatch):
+    from expflow_flows.runs import slurmjob
+
+    said: list[str] = []
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurmjob.requeue(said.append) is False and not said
+    monkeypatch.setenv("SLURM_JOB_ID", "424242")
+    monkeypatch.setenv(slurmjob.LIMIT_ENV, "3")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert slurmjob.requeue(said.append) is False
+    assert said == ["Slurm job 424242 was requeued 3 times already (requeue_limit 3)"]

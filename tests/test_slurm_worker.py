@@ -102,6 +102,16 @@ def test_full_script_matches_golden():
 
 
 @configuration_api
+def test_a_requeued_jobs_script_asks_for_the_warning_and_forwards_it():
+    config = _configuration(
+        {"python": "python", "time_limit": "1-00:00:00", "requeue_limit": 3, "warning_seconds": 300}
+    )
+    text = render_sbatch(config, "6b1b7a4e-52c4-4c53-9d7e-0d6a3c1f2a10", Path("/jobs/run"))
+    _check_golden("requeue.sbatch", text)
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
+    assert "export EXPFLOW_REQUEUE_LIMIT=3" in text
+
+
 def test_default_python_is_the_workers_own(monkeypatch):
     import sys
 
@@ -208,6 +218,15 @@ def test_accounting_remembers_how_jobs_ended(slurm, tmp_path):
     assert got == want
 
 
+TRAINING_STEPS = 180  # one a second: three minutes of training
+REQUEUED_SWEEP = {
+    "name": "requeued",
+    "trainable": {"target": str(TESTS / "foreign" / "checkpointing" / "train.py")},
+    "space": {"grid": {"lr": [0.01]}, "fixed": {"steps": TRAINING_STEPS, "delay": 1.0}},
+    "cluster": {"kind": "threads", "workers": 1},
+}
+
+
 def _deploy(srv, entrypoint: str, name: str, *extra: str) -> None:
     """`prefect deploy` from tests/, as a user deploys a flow file to the pool."""
     out = subprocess.run(
@@ -246,6 +265,23 @@ def pool(slurm, server):  # noqa: F811
             "seconds=600",
             "--job-variable",
             "time_limit=1",
+        )
+        # A 3-minute training under a 1-minute limit, started early for the same reason:
+        # it checkpoints and is requeued until it completes (test_requeue_...).
+        _deploy(server, "worker_flows.py:sweep", "requeued-slurm")
+        server["requeued"] = run_deployment(
+            server,
+            "sweep/requeued-slurm",
+            "--params",
+            json.dumps({"settings": REQUEUED_SWEEP}),
+            "--job-variable",
+            "time_limit=1",
+            "--job-variable",
+            "requeue_limit=10",
+            "--job-variable",
+            "warning_seconds=15",
+            "--job-variable",
+            "poll_interval=1",
         )
         prefect(server, "deploy", "--name", "pde-advection-slurm")
         for flow_name in ("quick", "fails"):
@@ -440,3 +476,31 @@ def test_time_limit_ends_the_run_crashed_with_the_limit_named(pool, time_limited
     state = wait_for_terminal(pool, time_limited, timeout=200)
     assert state["type"] == "CRASHED", state
     assert "hit its time limit (--time=1)" in state["message"], state["message"]
+
+
+def test_requeue_carries_a_3_minute_training_through_a_1_minute_limit(pool):
+    """Each attempt is warned before its limit (the job's end time, SIGUSR1), the script
+    saves and stops, the flow run requeues its job, and the next attempt resumes from the
+    checkpoint: the step counter goes on from where it was, and the run completes."""
+    flow_run_id = pool["requeued"]
+    state = wait_for_terminal(pool, flow_run_id, timeout=900)
+    log_dir = pool["root"] / "expflow" / "slurm-jobs" / flow_run_id
+    job = flow_run(pool, flow_run_id)["infrastructure_pid"]
+    job_log = (log_dir / f"slurm-{job}.out").read_text()
+    assert state["type"] == "COMPLETED", f"{state}\n{job_log[-3000:]}"
+    restarts = re.findall(r"\(restart (\d+)\)", job_log)
+    assert len(restarts) >= 3 and restarts == [str(i) for i in range(len(restarts))], restarts
+    # The flow run waited, Pending, for each requeued attempt.
+    states = api(pool, "GET", f"/flow_run_states/?flow_run_id={flow_run_id}")
+    requeued = [s for s in states if s["type"] == "PENDING" and "requeued" in (s["message"] or "")]
+    assert len(requeued) == len(restarts) - 1, [s["message"] for s in states]
+    assert "reaches its time limit" in requeued[0]["message"]
+    # One combination, one run folder: its steps went on across attempts, none lost or
+    # done twice (the script saves every step before it prints it).
+    sweep_dir = pool["root"] / "expflow" / "runs" / "requeued"
+    (output,) = sweep_dir.glob("runs/*/*/output.log")
+    steps = [int(m) for m in re.findall(r"EXPFLOW_METRIC step=(\d+)", output.read_text())]
+    assert steps == list(range(1, TRAINING_STEPS + 1))
+    assert output.read_text().count("resumed from step") == len(restarts) - 1
+    meta = json.loads((output.parent / "metadata.json").read_text())
+    assert meta["status"] == "ok" and meta["checkpoint"]["resumed"] is True

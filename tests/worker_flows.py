@@ -25,3 +25,8 @@ def quick(x: int = 1) -> int:
 @flow(name="fails")
 def fails() -> None:
     raise ValueError("this flow fails on purpose")
+
+
+# The package's own sweep flow, deployed as a user would (a 3-minute training under a
+# 1-minute Slurm limit, resumed across requeues).
+from expflow_flows.flows.sweep import sweep  # noqa: E402,F401

@@ -359,6 +359,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
                 "value": t.value,
                 **{f"param:{k}": v for k, v in t.params.items()},
                 "reason": t.user_attrs.get("reason", ""),
+                "retry_of": t.user_attrs.get(RETRY_OF_ATTR, ""),
                 "run_dir": t.user_attrs.get("run_dir", ""),
             }
         )

@@ -99,6 +99,7 @@ class Guard:
     def __init__(self, stop_file: Path, warning_s: float, log: Callable[[str], None]) -> None:
         self.stop_file, self.warning_s, self.log = stop_file, warning_s, log
         self.reason: str | None = None
+        self.ends: float | None = None
         self.timer: threading.Timer | None = None
         self.previous: dict[int, object] = {}
 
@@ -128,15 +129,29 @@ class Guard:
             )
             self.timer.daemon = True
             self.timer.start()
-        names = {signal.SIGUSR1: "was warned (SIGUSR1)", signal.SIGTERM: "is being ended (SIGTERM)"}
-        for signum, words in names.items():
+        self.ends = ends
+        handlers = {
+            signal.SIGUSR1: lambda *_: self.warned(f"Slurm job {job} was warned (SIGUSR1)"),
+            signal.SIGTERM: lambda *_: self.stop(f"Slurm job {job} is being ended (SIGTERM)"),
+        }
+        for signum, handler in handlers.items():
             try:
-                self.previous[signum] = signal.signal(
-                    signum, lambda *_, w=words: self.stop(f"Slurm job {job} {w}")
-                )
+                self.previous[signum] = signal.signal(signum, handler)
             except ValueError:  # not the main thread: the timer and the stop file remain
                 continue
         return self
+
+    def warned(self, reason: str) -> None:
+        """Slurm's warning signal: it may come up to a minute before the time asked for
+        (its timers tick coarsely); with the end time known, the timer keeps the margin."""
+        left = None if self.ends is None else self.ends - time.time()
+        if left is not None and left > self.warning_s + 1 and self.timer is not None:
+            self.log(
+                f"{reason} {left:.0f} s before the limit (asked for {self.warning_s:g} s); "
+                f"the trainables checkpoint {self.warning_s:g} s before it"
+            )
+            return
+        self.stop(reason)
 
     def close(self) -> None:
         if self.timer is not None:

@@ -62,6 +62,9 @@ _TOKEN = r"^[A-Za-z0-9_.,:=+/@%-]+$"
 _TIME = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 _MEMORY = r"^\d+[KMGT]?$"
 
+# Seconds after a requeue before the worker lets the job start again.
+RELEASE_AFTER_S = 5
+
 # Slurm job states (squeue/scontrol/sacct spell them the same way).
 ACTIVE_STATES = frozenset(
     {
@@ -114,6 +117,14 @@ class _SlurmFields:
     working_dir = "Folder the job starts in (sbatch --chdir)."
     log_dir = "Where job scripts and logs go. Empty: <expflow home>/slurm-jobs."
     poll_interval = "Seconds between checks of the job's state."
+    requeue_limit = (
+        "Times a flow run cut by its time limit or preempted is requeued and resumes from "
+        "its checkpoints (sbatch --requeue). 0: never; the run ends Crashed at the limit."
+    )
+    warning_seconds = (
+        "With requeue_limit: seconds before the time limit at which the running trainables "
+        "are told to checkpoint (sbatch --signal=B:USR1@N, and the job's end time)."
+    )
 
 
 class SlurmJobConfiguration(BaseJobConfiguration):
@@ -131,6 +142,8 @@ class SlurmJobConfiguration(BaseJobConfiguration):
     working_dir: str | None = Field(default=None)
     log_dir: str | None = Field(default=None)
     poll_interval: float = Field(default=5.0, gt=0)
+    requeue_limit: int = Field(default=0, ge=0, le=1000)
+    warning_seconds: int = Field(default=90, ge=1, le=86400)
 
     @field_validator("time_limit", mode="before")
     @classmethod
@@ -193,6 +206,16 @@ class SlurmVariables(BaseVariables):
     poll_interval: float = Field(
         default=5.0, gt=0, title="Poll interval (s)", description=_SlurmFields.poll_interval
     )
+    requeue_limit: int = Field(
+        default=0, ge=0, le=1000, title="Requeues", description=_SlurmFields.requeue_limit
+    )
+    warning_seconds: int = Field(
+        default=90,
+        ge=1,
+        le=86400,
+        title="Checkpoint warning (s)",
+        description=_SlurmFields.warning_seconds,
+    )
 
 
 class SlurmWorkerResult(BaseWorkerResult):
@@ -251,6 +274,9 @@ def render_sbatch(configuration: SlurmJobConfiguration, flow_run_id: str, log_di
             options.append(f"--{flag}={value}")
     if c.working_dir:
         options.append(f"--chdir={shlex.quote(c.working_dir)}")
+    if c.requeue_limit:
+        # Requeued attempts append to one log, and are warned before the limit.
+        options += ["--requeue", "--open-mode=append", f"--signal=B:USR1@{c.warning_seconds}"]
     options.extend(c.extra_sbatch)
 
     lines = ["#!/bin/bash"]
@@ -265,9 +291,25 @@ def render_sbatch(configuration: SlurmJobConfiguration, flow_run_id: str, log_di
     if c.setup:
         lines.append("# environment setup")
         lines += list(c.setup)
+    start = f'echo "expflow: Slurm job ${{SLURM_JOB_ID}} on $(hostname) for flow run {flow_run_id}"'
+    if not c.requeue_limit:
+        return "\n".join([*lines, start, f"exec {c.command}", ""])
     lines += [
-        f'echo "expflow: Slurm job ${{SLURM_JOB_ID}} on $(hostname) for flow run {flow_run_id}"',
-        f"exec {c.command}",
+        "# Requeued up to requeue_limit times; the flow run checkpoints before the limit.",
+        f"export EXPFLOW_REQUEUE_LIMIT={c.requeue_limit}",
+        f"export EXPFLOW_STOP_WARNING_S={c.warning_seconds}",
+        start.replace("on $(hostname)", "on $(hostname) (restart ${SLURM_RESTART_COUNT:-0})"),
+        "set +e",
+        "# SIGUSR1 (the time-limit warning) goes to the flow run's engine, which checkpoints;",
+        "# the processes between ignore it.",
+        "trap '' USR1",
+        f"{c.command} &",
+        "flow=$!",
+        "trap 'pkill -USR1 -P \"$flow\"' USR1",
+        "while true; do",
+        '  wait "$flow"; status=$?',
+        '  kill -0 "$flow" 2>/dev/null || exit "$status"',
+        "done",
         "",
     ]
     return "\n".join(lines)
@@ -395,6 +437,19 @@ async def accounting_info(job_id: str) -> JobInfo | None:
     return JobInfo(job_id, state.split()[0] if state.strip() else "UNKNOWN", exit_code, sig)
 
 
+async def release_job(job_id: str) -> None:
+    """Let a requeued job start in a few seconds instead of after Slurm's requeue delay.
+
+    Not at once: slurmd refuses a launch whose credential dates from the same second as
+    the previous attempt's revoked one ("Job credential revoked"), and the job then
+    ends FAILED instead of restarting.
+    """
+    start = f"StartTime=now+{RELEASE_AFTER_S}"
+    code, out, err = await _run(["scontrol", "update", f"JobId={job_id}", start])
+    if code != 0:
+        raise SlurmError(f"scontrol update {job_id} {start} failed: {_one_line(err or out)}")
+
+
 async def cancel_job(job_id: str) -> None:
     """scancel the job; InfrastructureNotFound when Slurm does not know it."""
     code, out, err = await _run(["scancel", job_id])
@@ -489,6 +544,16 @@ class SlurmWorker(BaseWorker[SlurmJobConfiguration, SlurmVariables, SlurmWorkerR
                     seen_running = True
                     waited = time.monotonic() - submitted
                     logger.info(f"Slurm job {job_id} running on {info.node} after {waited:.1f} s")
+                if seen_running and info.state == "PENDING" and info.reason == "BeginTime":
+                    # Requeued by its flow run before the time limit: Slurm holds a requeued
+                    # job back for a while; the flow run waits for it, so it starts now.
+                    seen_running = False
+                    submitted = time.monotonic()
+                    logger.info(f"Slurm job {job_id} was requeued; it resumes from checkpoints")
+                    try:
+                        await release_job(job_id)
+                    except SlurmError as exc:
+                        logger.warning(f"{exc}; it starts when Slurm lets it")
                 if not info.active:
                     return info, cancel_sent
             if cancel_sent is None:
