@@ -50,6 +50,8 @@ $(VENV)/.installed: pyproject.toml constraints/overrides.txt | $(UV)
 $(VENV)/.installed-dev: pyproject.toml constraints/overrides.txt | $(UV)
 	$(UV) pip install --quiet --python $(PY) --compile-bytecode \
 		--override constraints/overrides.txt -e '.[dev]'
+	# hpo.sampler=gp needs torch; pip, since it finds a CPU build where one lies on disk
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.0' 'setuptools<82'
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

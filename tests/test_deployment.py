@@ -330,6 +330,98 @@ def _launch_rows(section: str, script: dict) -> list[tuple[str, object, dict]]:
     ]
 
 
+def _option_rows(prefix: str, options: dict[str, dict[str, object]]) -> list:
+    return [
+        (f"{prefix}.{section}.{field}", value, {})
+        for section, fields in options.items()
+        for field, value in fields.items()
+    ]
+
+
+HPO_ALGORITHM_ROWS: list[tuple[str, object, dict]] = [
+    ("hpo.sampler.name", "nsgaii", {}),
+    *_option_rows(
+        "hpo.sampler",
+        {
+            "tpe": {
+                "n_startup_trials": 8,
+                "multivariate": False,
+                "group": True,
+                "constant_liar": False,
+                "n_ei_candidates": 48,
+            },
+            "qmc": {"qmc_type": "halton", "scramble": False},
+            "cmaes": {
+                "n_startup_trials": 3,
+                "restart_strategy": "bipop",
+                "sigma0": 0.2,
+                "with_margin": False,
+                "popsize": 12,
+            },
+            "gp": {"n_startup_trials": 4, "deterministic_objective": True},
+            "nsgaii": {
+                "population_size": 30,
+                "mutation_prob": 0.2,
+                "crossover": "sbx",
+                "crossover_prob": 0.8,
+                "swapping_prob": 0.4,
+            },
+            "grid": {"points": 7},
+            "bruteforce": {"avoid_premature_stop": True},
+        },
+    ),
+    ("hpo.pruner.name", "hyperband", {}),
+    *_option_rows(
+        "hpo.pruner",
+        {
+            "median": {"n_startup_trials": 3, "n_warmup_steps": 2, "interval_steps": 2},
+            "percentile": {
+                "percentile": 10.0,
+                "n_startup_trials": 4,
+                "n_warmup_steps": 3,
+                "interval_steps": 3,
+            },
+            "hyperband": {
+                "min_resource": 2,
+                "max_resource": 81,
+                "reduction_factor": 4,
+                "bootstrap_count": 1,
+            },
+            "successive_halving": {
+                "min_resource": 3,
+                "reduction_factor": 3,
+                "min_early_stopping_rate": 1,
+                "bootstrap_count": 2,
+            },
+            "threshold": {"lower": 0.0, "upper": 10.0, "n_warmup_steps": 2, "interval_steps": 2},
+            "patient": {"patience": 2, "min_delta": 0.01, "wraps": "median"},
+            "wilcoxon": {"p_threshold": 0.05, "n_startup_steps": 4},
+        },
+    ),
+    ("hpo.select", "knee", {}),
+    ("hpo.constraints", ["train_time_s:lt:600"], {}),
+    ("hpo.warm_start.configs", [{"lr": 0.01, "modes": 12}], {}),
+    ("hpo.warm_start.study.name", "earlier-study", {}),
+    (
+        "hpo.warm_start.study.storage",
+        "/data/optuna.log",
+        {"hpo": {"warm_start": {"study": {"name": "s"}}}},
+    ),
+    ("hpo.warm_start.study.best", 3, {"hpo": {"warm_start": {"study": {"name": "s"}}}}),
+    ("hpo.warm_start.sweep.name", "nightly", {"hpo": {"warm_start": {"sweep": {"metric": "m"}}}}),
+    ("hpo.warm_start.sweep.metric", "val_nrmse", {"hpo": {"warm_start": {"sweep": {"name": "s"}}}}),
+    (
+        "hpo.warm_start.sweep.maximize",
+        True,
+        {"hpo": {"warm_start": {"sweep": {"name": "s", "metric": "m"}}}},
+    ),
+    (
+        "hpo.warm_start.sweep.best",
+        8,
+        {"hpo": {"warm_start": {"sweep": {"name": "s", "metric": "m"}}}},
+    ),
+]
+
 PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("experiment", "exp-table", {}),
     ("train.target", "pkg.train:fit", {}),
@@ -351,7 +443,6 @@ PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("objective", "val_loss", {}),
     ("direction", "maximize", {}),
     ("hpo.n_trials", 40, {}),
-    ("hpo.pruner", "none", {}),
     ("hpo.seed", 17, {}),
     ("hpo.storage", "postgresql://expflow@127.0.0.1/optuna", {}),
     ("hpo.study_name", "study-table", {}),
@@ -360,6 +451,15 @@ PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("hpo.budget.seconds", 20.0, {}),
     ("hpo.trial_timeout", 600.0, {}),
     ("hpo.retries", 4, {}),
+    *HPO_ALGORITHM_ROWS,
+    (
+        "objectives",
+        [
+            {"metric": "nrmse", "direction": "minimize"},
+            {"metric": "train_time_s", "direction": "minimize"},
+        ],
+        {},
+    ),
     ("cluster.kind", "threads", {}),
     ("cluster.gpus", ["0", "1", "2", "3"], {}),
     ("cluster.gpus_per_run", 0.5, {}),

@@ -298,7 +298,7 @@ def test_study_report_shows_hostile_names_and_values_as_text(tmp_path, monkeypat
     assert f"<h2>Parameter importances</h2><p>Not drawn: cannot plot {shown}</p>" in page
     # The other plots are still drawn, and the parameter and its values are in their data.
     figures = [json.loads(js) for js in re.findall(r"var f=(.*?);Plotly\.newPlot", page)]
-    assert len(figures) == 3  # history, parallel coordinates, intermediate values
+    assert len(figures) == 4  # history, slice, parallel coordinates, intermediate values
     assert breakout in json.dumps(figures)
 
 

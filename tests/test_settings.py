@@ -27,7 +27,8 @@ PIPELINE_FIELDS = [
     ("objective", "val_loss"),
     ("direction", "maximize"),
     ("hpo.n_trials", 5),
-    ("hpo.pruner", "none"),
+    ("hpo.pruner.name", "none"),
+    ("hpo.sampler.name", "cmaes"),
     ("hpo.seed", 3),
     ("hpo.storage", "/tmp/j.log"),
     ("hpo.study_name", "s1"),
@@ -67,7 +68,7 @@ def test_overrides_change_one_field_over_the_file(tmp_path: Path):
     config = tmp_path / "p.yaml"
     config.write_text("experiment: e\ntrain: pkg.mod:fn\nhpo: {n_trials: 4, pruner: none}\n")
     s = load_pipeline_settings(config, {"hpo": {"n_trials": 9}, "train": {"arg_style": "hydra"}})
-    assert (s.experiment, s.hpo.n_trials, s.hpo.pruner) == ("e", 9, "none")
+    assert (s.experiment, s.hpo.n_trials, s.hpo.pruner.name) == ("e", 9, "none")
     assert (s.train.target, s.train.arg_style) == ("pkg.mod:fn", "hydra")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.sweep.report import (
@@ -91,9 +92,12 @@ def test_dashboard_has_every_section(tmp_path: Path) -> None:
     assert _sections(page) == {"status", "top", "heatmaps", "parallel", "marginals", "metrics"}
     assert page.count("Plotly.newPlot(") == 4  # heatmap (faceted), parcoords, marginals, hists
     assert page.count("class='plotly-graph-div'") == 4
-    # plotly.js inlined exactly once, no CDN.
-    assert page.count("<script type='text/javascript'>") == 1
-    assert "<script src" not in page
+    # plotly.js is the folder's one shared file, loaded by its relative name: no CDN, no
+    # inline copy of the 4.7 MB script.
+    js = f"plotly-{get_plotlyjs_version()}.min.js"
+    assert page.count("<script src=") == 1 and f"<script src='{js}'></script>" in page
+    assert (tmp_path / js).stat().st_size == len(get_plotlyjs().encode())
+    assert path.stat().st_size < 1_000_000
     assert "\\\\u003c" not in page  # no double-escaped JSON
     # First metric is the default objective; the facet is the 3rd param (3 values).
     assert "Objective <b>loss</b> (minimize)" in page
@@ -518,10 +522,11 @@ def test_status_page_renders_in_chromium_without_js_errors(browser: _Cdp, tmp_pa
 @needs_chromium
 def test_export_png(tmp_path: Path) -> None:
     dash = write_dashboard(make_rows(), tmp_path / "d.html", title="png")
-    out = export_png(dash, tmp_path / "d.png")
+    out = export_png(dash, tmp_path / "d.png", window_size=_TALL)
     assert out == tmp_path / "d.png"
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert _colours(out) > _PLOTTED  # the plots drew, with plotly.js from the page's folder
     import plotly.graph_objects as go
 
     fig_png = export_png(go.Figure(go.Bar(y=[1, 3, 2])), tmp_path / "fig.png")
@@ -529,6 +534,36 @@ def test_export_png(tmp_path: Path) -> None:
     # A self-refreshing status page must not hang the screenshot.
     live = write_status_page(make_rows(), tmp_path / "s.html", title="live", refresh_s=1)
     assert export_png(live, tmp_path / "s.png", timeout_s=60) is not None
+
+
+_TALL = (1200, 2600)  # a window down to the heatmaps and parallel coordinates
+# Distinct colours in a shot of the dashboard: its tables and status chips alone make ~200,
+# its heatmaps and coloured lines thousands.
+_PLOTTED = 1000
+
+
+def _colours(png: Path) -> int:
+    """How many distinct clearly coloured (not grey) pixel values a screenshot holds."""
+    image = pytest.importorskip("PIL.Image")
+    pixels = image.open(png).convert("RGB").get_flattened_data()
+    return len({p for p in pixels if max(p) - min(p) > 40})
+
+
+@needs_chromium
+def test_export_png_draws_the_plots_of_a_copied_page(tmp_path: Path) -> None:
+    """A page shot from a copy in a temp folder (a self-reloading page, via <base href>) or
+    given as text still loads plotly.js and draws its plots; without plotly.js none draw."""
+    dash = write_dashboard(make_rows(), tmp_path / "d.html", title="png")
+    text = dash.read_text()
+    live = tmp_path / "live.html"
+    live.write_text(text.replace("<title>", "<meta http-equiv='refresh' content='1'><title>"))
+    for source, name in ((live, "live.png"), (text, "text.png")):
+        shot = export_png(source, tmp_path / name, window_size=_TALL, timeout_s=60)
+        assert shot is not None and _colours(shot) > _PLOTTED, name
+    for js in tmp_path.glob("plotly-*.min.js"):
+        js.unlink()
+    shot = export_png(dash, tmp_path / "bare.png", window_size=_TALL, timeout_s=60)
+    assert shot is not None and _colours(shot) < _PLOTTED  # the colour count tells them apart
 
 
 def test_export_png_without_chromium(tmp_path: Path, monkeypatch, caplog) -> None:

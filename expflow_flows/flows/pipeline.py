@@ -144,15 +144,15 @@ class _TaskTrials:
         s = self.settings
         return run_trial.submit(
             number=spec.number,
-            trial_id=spec.trial_id,
+            trial_id=spec.trial_id if spec.report_trial_id is None else spec.report_trial_id,
             trainable=s.train.label,
             params=spec.params,
             run_dir=spec.run_dir,
             budget=s.hpo.budget.as_dict(),
-            objective=s.objective,
+            objective=s.primary,
             storage=self.storage,
-            study_name=s.study_name,
-            pruner=s.hpo.pruner,
+            study_name=spec.report_study or s.study_name,
+            pruner=s.hpo.pruner.name,
             timeout=s.hpo.trial_timeout,
             arg_style=s.train.arg_style,
             launch=s.train.launch(),
@@ -205,13 +205,7 @@ def hpo_flow(
 def _hpo(settings: PipelineSettings, experiment_dir: Path, report_dir: Path) -> dict[str, Any]:
     logger = get_run_logger()
     storage = hpo.resolve_storage(settings.hpo.storage)
-    study = hpo.open_study(
-        storage,
-        settings.study_name,
-        direction=settings.direction,
-        pruner=settings.hpo.pruner,
-        seed=settings.hpo.seed,
-    )
+    study = loop.open_settings_study(settings, storage, logger.warning)
     run_id = str(flow_run.get_id() or "")
     for other, numbers in loop.fail_abandoned_trials(study, run_id, _ended_state).items():
         logger.warning("trials %s of an ended flow run %s marked failed", numbers, other)
@@ -235,6 +229,14 @@ def _hpo(settings: PipelineSettings, experiment_dir: Path, report_dir: Path) -> 
         table=[{k: _cell(v) for k, v in r.items()} for r in outcome.trials],
         description=f"Trials of study {settings.study_name}: {counts.line()}",
     )
+    if outcome.pareto:
+        objectives = ", ".join(f"{m} ({d})" for m, d in settings.objective_list)
+        create_table_artifact(
+            key=_artifact_key(settings.study_name, "pareto"),
+            table=[{k: _cell(v) for k, v in r.items()} for r in outcome.pareto],
+            description=f"Pareto front of study {settings.study_name} on {objectives}: "
+            f"trial {outcome.best_trial} is trained ({settings.hpo.select})",
+        )
     return outcome.to_dict()
 
 
@@ -536,6 +538,8 @@ def _stages(
     artifacts = {"summary.json": run_dir.path / "summary.json"}
     if study.get("report"):
         artifacts["report"] = Path(study["report"])
+        for script in Path(study["report"]).parent.glob("plotly-*.min.js"):
+            artifacts[script.name] = script  # the report loads it from beside itself
     if bundle is not None:
         artifacts["submission"] = bundle
     message = "; ".join(r.message for r in failed)
@@ -610,10 +614,21 @@ def submit_bundle(
 def _best_markdown(
     study: dict[str, Any], params: dict[str, Any], settings: PipelineSettings
 ) -> str:
+    values = study.get("best_values") or {settings.objective: study["best_value"]}
+    directions = dict(settings.objective_list)
+    shown = ", ".join(
+        f"{m} = **{v:.6g}** ({directions.get(m, settings.direction)})" for m, v in values.items()
+    )
+    how = (
+        f" (the {study.get('select', 'primary')} choice of {len(study['pareto'])} on the "
+        "Pareto front)"
+        if study.get("pareto")
+        else ""
+    )
     lines = [
-        f"# Best trial {study['best_trial']} of study `{study['study']}`",
+        f"# Best trial {study['best_trial']} of study `{study['study']}`{how}",
         "",
-        f"{settings.objective} = **{study['best_value']:.6g}** ({settings.direction}); "
+        f"{shown}; "
         f"{study['complete']} complete, {study['pruned']} pruned, {study['failed']} failed.",
         "",
         "| parameter | value |",

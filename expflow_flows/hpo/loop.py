@@ -41,6 +41,10 @@ class TrialSpec:
     checkpoint_dir: str = ""  # kept by the trial's retries, so they resume from it
     stop_file: str = ""  # appears when the job is about to end (see runs.slurmjob)
     retry_of: int | None = None
+    # Where intermediate values go: the trial itself, or in a multi-objective study its
+    # twin in the prune twin study (Optuna prunes single-objective studies only).
+    report_study: str = ""
+    report_trial_id: int | None = None
 
 
 class TrialLauncher(Protocol):
@@ -75,10 +79,39 @@ class StudyOutcome:
     trials: list[dict[str, Any]]
     report: str
     trial_dirs: list[str] = field(default_factory=list)
+    # Every objective's value of the chosen trial, by metric (one entry for one objective).
+    best_values: dict[str, float] = field(default_factory=dict)
+    # Several objectives: the Pareto front (trial, values by metric, params, chosen).
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    select: str = "primary"
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (the flow's return value)."""
         return dict(self.__dict__)
+
+
+def open_settings_study(
+    settings: PipelineSettings, storage: str, log: Callable[[str], None] = lambda line: None
+) -> Any:
+    """The pipeline's study as its settings say: objectives, sampler, pruner (a resumed
+    study keeps its own), constraints, metric names, and its warm starts queued first."""
+    from expflow_flows.hpo import warmstart
+
+    space = SearchSpace.load(settings.space)
+    study = hpo.open_study(
+        storage,
+        settings.study_name,
+        directions=[direction for _, direction in settings.objective_list],
+        sampler=settings.hpo.sampler.chosen(),
+        pruner=settings.hpo.pruner.chosen(settings.hpo.budget.as_dict()),
+        seed=settings.hpo.seed,
+        space=space,
+        metric_names=[metric for metric, _ in settings.objective_list],
+        constraints=settings.hpo.constraints,
+        log=log,
+    )
+    warmstart.enqueue(study, warmstart.configurations(settings.hpo.warm_start, space, storage), log)
+    return study
 
 
 def trial_dir(experiment_dir: Path, number: int) -> Path:
@@ -110,6 +143,18 @@ def run_study(
     """
     space = SearchSpace.load(settings.space)
     target = settings.hpo.n_trials
+    from expflow_flows.hpo import algorithms
+
+    stored_sampler = study.user_attrs.get(algorithms.SAMPLER_ATTR) or {}
+    points = algorithms.grid_size(stored_sampler, space)
+    if points is not None and points < target:
+        log(
+            f"the {stored_sampler['name']} sampler has {points} configurations to try: the "
+            f"study ends after them, not after hpo.n_trials={target}"
+        )
+        target = points
+    objectives = [metric for metric, _ in settings.objective_list]
+    twin = hpo.open_twin(study)
     stale = hpo.fail_stale_trials(study, now=time.time(), stale_after=hpo.STALE_AFTER_S)
     if stale:
         log(f"trials {stale} had stopped sending heartbeats (killed?): marked failed")
@@ -129,13 +174,15 @@ def run_study(
         counts.failed += state == "FAIL"
 
     def refresh() -> None:
-        best = hpo.best_trial(study)
+        best = hpo.best_trial(study, settings.hpo.select)
         if best is not None:
-            counts.best_value, counts.best_params = best.value, dict(best.params)
+            counts.best_value, counts.best_params = best.values[0], dict(best.params)
         progress.publish(counts)
 
     def room() -> bool:
         # Re-read before each ask: another run may share the study.
+        if getattr(study.sampler, "exhausted", False):
+            return False  # grid or bruteforce: every configuration was tried
         return hpo.taken_count(study) < target
 
     refresh()
@@ -169,6 +216,11 @@ def run_study(
                     hpo.checkpoint_folder(experiment_dir, study.study_name, trial.number)
                 )
                 trial.set_user_attr(hpo.CHECKPOINT_ATTR, checkpoint)
+                report_study, report_trial_id = study.study_name, trial._trial_id
+                if twin is not None:
+                    twin_trial = twin.ask()
+                    trial.set_user_attr(hpo.TWIN_ATTR, twin_trial.number)
+                    report_study, report_trial_id = twin.study_name, twin_trial._trial_id
                 spec = TrialSpec(
                     number=trial.number,
                     trial_id=trial._trial_id,
@@ -177,6 +229,8 @@ def run_study(
                     checkpoint_dir=checkpoint,
                     stop_file=stop_file,
                     retry_of=attrs.get(hpo.RETRY_OF_ATTR),
+                    report_study=report_study,
+                    report_trial_id=report_trial_id,
                 )
                 if spec.retry_of is not None:
                     log(f"trial {spec.number} resumes trial {spec.retry_of} from {checkpoint}")
@@ -189,11 +243,16 @@ def run_study(
             handle = launcher.next_finished(list(in_flight))
             trial, spec = in_flight.pop(handle)
             result: RunResult | None = None
+            constraints = settings.hpo.constraints
             try:
                 result = launcher.result(handle)
-                outcome = hpo.tell_result(study, trial, result, settings.objective)
             except Exception as exc:  # noqa: BLE001 - a lost worker fails one trial, not the study
-                outcome = hpo.tell_result(study, trial, None, settings.objective, error=str(exc))
+                outcome = hpo.tell_result(study, trial, None, objectives, error=str(exc))
+            else:
+                outcome = hpo.tell_result(study, trial, result, objectives, constraints=constraints)
+            if twin is not None:
+                primary = hpo.trial_metrics(result).get(objectives[0]) if result else None
+                hpo.tell_twin(twin, trial.user_attrs[hpo.TWIN_ATTR], outcome, primary)
             if on_told is not None:
                 on_told(spec, result, outcome)
             if outcome == "fail":
@@ -266,24 +325,57 @@ def conclude(
 ) -> StudyOutcome:
     """The study's trials table, its HTML report and its best trial; no success is an error."""
     rows = hpo.trials_table(study)
+    best = hpo.best_trial(study, settings.hpo.select)
+    names = [metric for metric, _ in settings.objective_list]
+    several = len(names) > 1
+    extra = {
+        "objective" + ("s" if several else ""): ", ".join(
+            f"{m} ({d})" for m, d in settings.objective_list
+        ),
+        "sampler": _algorithm(study, "sampler"),
+        "pruner": _algorithm(study, "pruner"),
+        "storage": storage,
+    }
+    if several:
+        extra["chosen by"] = settings.hpo.select
+    if settings.hpo.constraints:
+        extra["constraints"] = ", ".join(settings.hpo.constraints)
     report = write_study_report(
         study,
         report_dir / f"report-{study.study_name}.html",
         title=f"HPO report: {study.study_name}",
-        extra={"objective": f"{settings.objective} ({settings.direction})", "storage": storage},
+        extra=extra,
+        chosen=best.number if best is not None else None,
+        feasible=hpo.is_feasible,
     )
-    best = hpo.best_trial(study)
     if best is None:
+        infeasible = sum(1 for t in study.get_trials(deepcopy=False) if not hpo.is_feasible(t))
         raise ExpflowError(
             f"no trial of study {study.study_name!r} succeeded ({counts.failed} failed, "
-            f"{counts.pruned} pruned); see the trials table and each trial's output.log"
+            f"{counts.pruned} pruned"
+            + (f", {infeasible} infeasible" if infeasible else "")
+            + "); see the trials table and each trial's output.log"
         )
+    pareto = []
+    if several:
+        for t in hpo.pareto_front(study):
+            pareto.append(
+                {
+                    "trial": t.number,
+                    **dict(zip(names, t.values, strict=True)),
+                    **{f"param:{k}": v for k, v in t.params.items()},
+                    "chosen": t.number == best.number,
+                }
+            )
     return StudyOutcome(
         study=study.study_name,
         storage=storage,
         best_trial=best.number,
-        best_value=best.value,
+        best_value=best.values[0],
         best_params=dict(best.params),
+        best_values=dict(zip(names, best.values, strict=True)),
+        pareto=pareto,
+        select=settings.hpo.select,
         complete=counts.complete,
         pruned=counts.pruned,
         failed=counts.failed,
@@ -291,6 +383,12 @@ def conclude(
         report=str(report),
         trial_dirs=trial_dirs,
     )
+
+
+def _algorithm(study: Any, what: str) -> str:
+    spec = study.user_attrs.get(f"expflow:{what}") or {}
+    options = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec.get('name', '?')}" + (f" ({options})" if options else "")
 
 
 def fail_abandoned_trials(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ from expflow_flows.runs.trainable import ReportHook, RunResult, is_machine_failu
 
 if TYPE_CHECKING:
     import optuna
+
+    from expflow_flows.hpo.space import SearchSpace
 
 URL_RE = re.compile(r"^[a-z][a-z0-9+]*://", re.IGNORECASE)
 
@@ -39,6 +42,7 @@ CHECKPOINT_ATTR = "checkpoint_dir"
 RETRY_OF_ATTR = "retry_of"  # the number of the trial a retry continues
 ATTEMPT_ATTR = "attempt"  # retries used so far by the trial's line (0: the first try)
 SURPLUS_ATTR = "surplus"  # never ran: two runs asked at once and the study was full
+WARM_START_ATTR = "warm_start"  # where a warm-start trial's configuration came from
 
 
 def is_infrastructure_failure(reason: str) -> bool:
@@ -122,15 +126,11 @@ def clear_stale_lock(journal: Path, *, now: float | None = None) -> bool:
     return True
 
 
-def make_pruner(name: str) -> Any:
-    """An Optuna pruner by name: ``median`` (after 5 trials and 5 steps) or ``none``."""
-    import optuna
+def make_pruner(spec: dict[str, Any] | str | None) -> Any:
+    """An Optuna pruner from its stored mapping or name (see :mod:`.algorithms`)."""
+    from expflow_flows.hpo.algorithms import make_pruner as build
 
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ExpflowError(f"pruner {name!r} is not known; expected median or none")
+    return build(spec)
 
 
 def open_study(
@@ -138,23 +138,38 @@ def open_study(
     study_name: str,
     *,
     direction: str = "minimize",
-    pruner: str = "median",
+    directions: list[str] | None = None,
+    pruner: dict[str, Any] | str | None = "median",
+    sampler: dict[str, Any] | str | None = None,
     seed: int | None = None,
+    space: SearchSpace | None = None,
+    metric_names: list[str] | None = None,
+    constraints: list[str] | None = None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> optuna.Study:
-    """Create the study, or load it when it exists so that a second run resumes it."""
+    """Create the study, or load it when it exists so that a second run resumes it.
+
+    A new study stores its sampler and pruner; a resumed one keeps those it was created
+    with (a different choice now is named in ``log``). ``directions`` (two or more) make
+    it multi-objective; its metric names label plots and optuna-dashboard's axes.
+    """
     import optuna
 
+    from expflow_flows.hpo import algorithms
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = _sampler(seed)
+    directions = list(directions or [direction])
     store = open_storage(storage)
+    asked = {
+        algorithms.SAMPLER_ATTR: _as_spec(sampler, algorithms.DEFAULT_SAMPLER),
+        algorithms.PRUNER_ATTR: _as_spec(pruner, algorithms.DEFAULT_PRUNER),
+    }
     for attempt in range(3):
         try:
             study = optuna.create_study(
                 storage=store,
                 study_name=study_name,
-                direction=direction,
-                sampler=sampler,
-                pruner=make_pruner(pruner),
+                directions=directions,
                 load_if_exists=True,
             )
             break
@@ -162,54 +177,147 @@ def open_study(
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
-    study.sampler.opened_with = len(study.get_trials(deepcopy=False))
-    existing = study.direction.name.lower()
-    if existing != direction:
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
         raise ExpflowError(
-            f"study {study_name!r} already exists with direction {existing}; "
-            f"asked for {direction} (use another study_name)"
+            f"study {study_name!r} already exists with direction{'s' if len(existing) > 1 else ''}"
+            f" {', '.join(existing)}; asked for {', '.join(directions)} (use another study_name)"
         )
+    kept = _keep_or_store(study, asked, log)
+    if metric_names and study.metric_names != list(metric_names):
+        study.set_metric_names(list(metric_names))
+    study.sampler = algorithms.make_sampler(
+        kept[algorithms.SAMPLER_ATTR],
+        seed=seed,
+        space=space,
+        constraints=constraints_func(constraints) if constraints else None,
+        objectives=len(directions),
+    )
+    study.pruner = algorithms.make_pruner(kept[algorithms.PRUNER_ATTR])
+    study.sampler.opened_with = len(study.get_trials(deepcopy=False))
+    if len(directions) > 1:
+        _prune_twin(store, study_name, directions[0], kept[algorithms.PRUNER_ATTR])
     return study
 
 
-def _sampler(seed: int | None) -> Any:
-    """TPE seeded once, whose random stream is re-seeded per trial where replaying it would
-    repeat trials: in a resumed study, and when another run shares the study.
+def _as_spec(value: dict[str, Any] | str | None, default: dict[str, Any]) -> dict[str, Any]:
+    if value is None:
+        return dict(default)
+    return {"name": value} if isinstance(value, str) else dict(value)
 
-    A sampler seeded once replays the same stream in every process: a resumed study asked
-    its first trials' parameters again, and two runs sharing a study asked the same ones.
-    A fresh study asked by one run keeps the plain seeded stream (the same trials for the
-    same seed as ever); any other trial gets a stream seeded from the seed and its number,
-    which is unique in the study.
-    """
+
+def _keep_or_store(
+    study: optuna.Study, asked: dict[str, dict[str, Any]], log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """The study's stored sampler and pruner; a study without them stores those asked."""
+    attrs = study.user_attrs
+    kept: dict[str, dict[str, Any]] = {}
+    for key, spec in asked.items():
+        stored = attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, spec)
+            kept[key] = spec
+            continue
+        kept[key] = dict(stored)
+        if stored != spec:
+            what = key.split(":", 1)[1]
+            log(
+                f"study {study.study_name!r} keeps the {what} it was created with "
+                f"({_describe(stored)}), not {_describe(spec)}; use another study_name "
+                f"to change it"
+            )
+    return kept
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    return spec.get("name", "?") + (" with other options" if len(spec) > 1 else "")
+
+
+PRUNE_TWIN_SUFFIX = ":prune"
+
+
+def prune_twin_name(study_name: str) -> str:
+    """Optuna prunes single-objective studies only: a multi-objective study's trials
+    report their first objective to twin trials in this study, whose pruner decides."""
+    return study_name + PRUNE_TWIN_SUFFIX
+
+
+def _prune_twin(store: Any, study_name: str, direction: str, pruner: dict[str, Any]) -> Any:
     import optuna
 
-    class TrialSeededTPESampler(optuna.samplers.TPESampler):
-        opened_with = 0  # trials the study held when this run opened it
-        asked = 0  # trials this sampler was asked for
+    from expflow_flows.hpo import algorithms
 
-        def before_trial(self, study: optuna.Study, trial: Any) -> None:
-            in_sequence = self.opened_with == 0 and trial.number == self.asked
-            self.asked += 1
-            if seed is not None and not in_sequence:
-                derived = (int(seed) * 1_000_003 + int(trial.number) * 7_919 + 1) % (2**32)
-                for owner in (self, getattr(self, "_random_sampler", None)):
-                    rng = getattr(owner, "_rng", None)
-                    if rng is not None and hasattr(rng, "rng"):
-                        rng.rng.seed(derived)
-            super().before_trial(study, trial)
-
-    return TrialSeededTPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
+    twin = optuna.create_study(
+        storage=store,
+        study_name=prune_twin_name(study_name),
+        direction=direction,
+        load_if_exists=True,
+    )
+    if twin.user_attrs.get(algorithms.PRUNER_ATTR) is None:
+        twin.set_user_attr(algorithms.PRUNER_ATTR, pruner)
+    return twin
 
 
-def load_study(storage: str | None, study_name: str, pruner: str = "median") -> optuna.Study:
-    """Load an existing study (in another process, e.g. a Dask worker)."""
+def load_study(
+    storage: str | None, study_name: str, pruner: dict[str, Any] | str | None = None
+) -> optuna.Study:
+    """Load an existing study (in another process, e.g. a Dask worker) with the pruner it
+    stores (``pruner`` only for a study that stores none)."""
     import optuna
+
+    from expflow_flows.hpo import algorithms
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(
-        study_name=study_name, storage=open_storage(storage), pruner=make_pruner(pruner)
-    )
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    stored = study.user_attrs.get(algorithms.PRUNER_ATTR)
+    study.pruner = algorithms.make_pruner(stored if stored is not None else pruner)
+    return study
+
+
+# --- constraints: 'metric:op:value', like gates, as Optuna's constraint values -------------
+
+CONSTRAINTS_ATTR = "expflow:constraints"  # the trial's constraint values (<= 0: met)
+FEASIBLE_ATTR = "feasible"
+# A metric a constraint needs and the trial did not report: the constraint is not met.
+UNMET = 1.0e30
+
+
+def constraint_values(constraints: list[str], metrics: dict[str, float]) -> list[float]:
+    """One value per constraint, Optuna's way: zero or less when the constraint is met."""
+    from expflow_flows.metrics.gates import parse_gates
+
+    values = []
+    for gate in parse_gates(constraints):
+        value = metrics.get(gate.metric)
+        if value is None or not math.isfinite(value):
+            values.append(UNMET)
+            continue
+        t = gate.threshold
+        gap = {
+            "lt": value - t if value < t else max(value - t, 1e-12),
+            "le": value - t,
+            "gt": t - value if value > t else max(t - value, 1e-12),
+            "ge": t - value,
+            "eq": abs(value - t),
+            "ne": 0.0 if value != t else 1.0,
+        }[gate.op]
+        values.append(float(gap))
+    return values
+
+
+def constraints_func(constraints: list[str]) -> Callable[[Any], list[float]]:
+    """Optuna's ``constraints_func``: the values the trial's tell recorded."""
+    count = len(constraints)
+
+    def func(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get(CONSTRAINTS_ATTR) or [UNMET] * count)
+
+    return func
+
+
+def is_feasible(trial: Any) -> bool:
+    """A trial without constraints, or whose constraints were all met."""
+    return bool(trial.user_attrs.get(FEASIBLE_ATTR, True))
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -301,18 +409,33 @@ def report_hook(
     return hook
 
 
+# Metrics every trial has, whether or not its trainable reports them.
+DERIVED_METRICS = {"train_time_s": "the trial's wall time in seconds"}
+
+
+def trial_metrics(result: RunResult) -> dict[str, float]:
+    """The trial's metrics, with ``train_time_s`` (its wall time) unless it reports one."""
+    return {"train_time_s": float(result.wall_s), **result.metrics}
+
+
 def tell_result(
     study: optuna.Study,
     trial: optuna.trial.Trial,
     result: RunResult | None,
-    objective: str,
+    objective: str | list[str],
     *,
     error: str = "",
+    constraints: list[str] | None = None,
 ) -> str:
-    """Tell the study how a trial ended; returns its state (complete, pruned, fail)."""
+    """Tell the study how a trial ended; returns its state (complete, pruned, fail).
+
+    ``objective`` names the metric, or one per objective of a multi-objective study.
+    With ``constraints`` the trial records their values and whether it is feasible.
+    """
     import optuna
 
     TrialState = optuna.trial.TrialState
+    objectives = [objective] if isinstance(objective, str) else list(objective)
     if result is not None:
         trial.set_user_attr("run_dir", str(result.run_dir))
         trial.set_user_attr("status", result.status)
@@ -335,28 +458,79 @@ def tell_result(
             trial.set_user_attr(INFRA_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)
         return "fail"
-    value = result.metrics.get(objective)
-    if value is None or not math.isfinite(value):
-        known = ", ".join(sorted(result.metrics)) or "none"
-        reason = f"objective metric {objective!r} " + (
-            "is not finite" if value is not None else f"was not reported (reported: {known})"
-        )
-        trial.set_user_attr("reason", reason)
-        study.tell(trial, state=TrialState.FAIL)
-        return "fail"
-    study.tell(trial, value)
+    metrics = trial_metrics(result)
+    values = []
+    for name in objectives:
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            known = ", ".join(sorted(result.metrics)) or "none"
+            reason = f"objective metric {name!r} " + (
+                "is not finite" if value is not None else f"was not reported (reported: {known})"
+            )
+            trial.set_user_attr("reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            return "fail"
+        values.append(value)
+    if constraints:
+        gaps = constraint_values(constraints, metrics)
+        trial.set_user_attr(CONSTRAINTS_ATTR, gaps)
+        trial.set_user_attr(FEASIBLE_ATTR, all(g <= 0 for g in gaps))
+        if not all(g <= 0 for g in gaps):
+            unmet = [c for c, g in zip(constraints, gaps, strict=True) if g > 0]
+            trial.set_user_attr("reason", "infeasible: " + ", ".join(unmet) + " not met")
+    study.tell(trial, values if len(values) > 1 else values[0])
     return "complete"
+
+
+TWIN_ATTR = "expflow:prune_twin"  # the twin trial's number in the prune twin study
+
+
+def open_twin(study: optuna.Study) -> optuna.Study | None:
+    """The prune twin of a multi-objective study (None for one objective)."""
+    if len(study.directions) < 2:
+        return None
+    import optuna
+
+    return optuna.load_study(study_name=prune_twin_name(study.study_name), storage=study._storage)
+
+
+def tell_twin(twin: optuna.Study, number: int, outcome: str, value: float | None) -> None:
+    """End the twin trial as its multi-objective trial ended, so the pruner compares
+    later trials with it."""
+    import optuna
+
+    TrialState = optuna.trial.TrialState
+    try:
+        if outcome == "complete" and value is not None:
+            twin.tell(number, value)
+        else:
+            twin.tell(number, state=TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
+    except (RuntimeError, ValueError):
+        pass  # told already (a retry, another run)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial: number, state, value, params, run folder and failure reason."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if len(study.directions) > 1:
+            names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+            values = {
+                f"value:{n}": (t.values[i] if t.values else None) for i, n in enumerate(names)
+            }
+        else:
+            values = {"value": t.value}
+        extra = {}
+        if any(CONSTRAINTS_ATTR in u.user_attrs for u in trials):
+            extra["feasible"] = is_feasible(t) if CONSTRAINTS_ATTR in t.user_attrs else ""
         rows.append(
             {
                 "trial": t.number,
                 "state": t.state.name.lower(),
-                "value": t.value,
+                **values,
+                **extra,
+                "source": t.user_attrs.get(WARM_START_ATTR, ""),
                 **{f"param:{k}": v for k, v in t.params.items()},
                 "reason": t.user_attrs.get("reason", ""),
                 "retry_of": t.user_attrs.get(RETRY_OF_ATTR, ""),
@@ -366,12 +540,64 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best completed trial, or None when no trial completed."""
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not completed:
+def best_trial(study: optuna.Study, select: str = "primary") -> optuna.trial.FrozenTrial | None:
+    """The trial the study chose, or None when no feasible trial completed.
+
+    One objective: the best feasible completed trial. Several: a trial of the Pareto
+    front of feasible trials, by ``select`` (see :func:`choose`).
+    """
+    front = pareto_front(study)
+    if not front:
         return None
-    return study.best_trial
+    return choose(front, [d.name.lower() for d in study.directions], select)
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed feasible trials that no other one beats on every objective (one objective:
+    the best, ties included), by trial number."""
+    directions = [d.name.lower() for d in study.directions]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state.name == "COMPLETE" and t.values and is_feasible(t)
+    ]
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    if len(directions) == 1:  # linear: the loop asks for the best after every trial
+        best = min((signs[0] * t.values[0] for t in done), default=None)
+        return [t for t in done if signs[0] * t.values[0] == best]
+    keyed = [(t, [s * v for s, v in zip(signs, t.values, strict=True)]) for t in done]
+    front = []
+    for t, a in keyed:
+        dominated = any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for _, b in keyed)
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: t.number)
+
+
+def choose(front: list[Any], directions: list[str], select: str) -> Any:
+    """The trial of a Pareto front that is trained: ``primary`` (best first objective,
+    then the next ones) or ``knee`` (closest to the ideal point once each objective is
+    scaled to the front's range; ties go to the lower trial number)."""
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+
+    def scaled(t: Any) -> list[float]:
+        return [s * v for s, v in zip(signs, t.values, strict=True)]
+
+    if select == "knee" and len(directions) > 1:
+        points = [scaled(t) for t in front]
+        lows = [min(p[i] for p in points) for i in range(len(directions))]
+        highs = [max(p[i] for p in points) for i in range(len(directions))]
+
+        def distance(t: Any) -> tuple[float, int]:
+            p = scaled(t)
+            norm = [
+                (p[i] - lows[i]) / (highs[i] - lows[i]) if highs[i] > lows[i] else 0.0
+                for i in range(len(p))
+            ]
+            return math.sqrt(sum(x * x for x in norm)), t.number
+
+        return min(front, key=distance)
+    return min(front, key=lambda t: (*scaled(t), t.number))
 
 
 def checkpoint_folder(experiment_dir: Path, study_name: str, number: int) -> Path:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from expflow_flows.errors import ExpflowError
 from expflow_flows.settings.base import (
     Settings,
     read_settings_file,
@@ -36,7 +37,10 @@ from expflow_flows.settings.common import (
     writable_file,
     writable_folder,
 )
+from expflow_flows.settings.hpo import PrunerSettings, SamplerSettings, by_name
 
+# Metrics every HPO trial has (expflow_flows.hpo.study.trial_metrics).
+DERIVED_METRICS = ("train_time_s",)
 PDE_SPACE = Path(__file__).resolve().parent.parent / "pde" / "space.yaml"
 Gates = Annotated[list[str], BeforeValidator(gate_list), AfterValidator(check_gates)]
 
@@ -65,14 +69,85 @@ RENAMED = {
 MAX_TRIALS = 100_000
 
 
+class StudySource(Settings):
+    """The best trials of an earlier Optuna study."""
+
+    name: Name = Field(description="Its study name.")
+    storage: str | None = Field(None, description="Its storage (default: this run's hpo.storage).")
+    best: int = Field(5, ge=1, le=1000, description="How many of its best trials.")
+
+
+class SweepSource(Settings):
+    """The best rows of a sweep (as `expflow sweep results NAME --best METRIC` lists them)."""
+
+    name: Name = Field(description="The sweep's name.")
+    metric: Metric = Field(description="The metric its rows are ranked by.")
+    maximize: bool = Field(False, description="Higher is better.")
+    best: int = Field(5, ge=1, le=1000, description="How many of its best rows.")
+
+
+class WarmStartSettings(Settings):
+    """Configurations the study tries before its sampler asks for any (each once)."""
+
+    configs: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Parameter mappings, e.g. [{lr: 0.01, modes: 16}]; parameters left out "
+        "are sampled.",
+    )
+    study: StudySource | None = Field(None, description="The best trials of an earlier study.")
+    sweep: SweepSource | None = Field(None, description="The best rows of a sweep.")
+
+
+class ObjectiveSettings(Settings):
+    """One objective of a multi-objective study."""
+
+    metric: Metric = Field(description="The metric (train_time_s: the trial's wall time).")
+    direction: Direction = Field("minimize", description="minimize or maximize it.")
+
+
+def objective_item(value: Any) -> Any:
+    """``nrmse`` or ``nrmse:maximize`` is ``{metric: nrmse, direction: …}``."""
+    if isinstance(value, str):
+        metric, _, direction = value.partition(":")
+        return {"metric": metric, "direction": direction or "minimize"}
+    return value
+
+
+Objective = Annotated[ObjectiveSettings, BeforeValidator(objective_item)]
+
+
 class HpoSettings(Settings):
     """The HPO stage: an Optuna study of trials of the train trainable."""
 
     n_trials: int = Field(
         12, ge=1, le=MAX_TRIALS, description="Finished trials the study should hold."
     )
-    pruner: Literal["median", "none"] = Field(
-        "median", description="Stop unpromising trials early on their intermediate values."
+    sampler: Annotated[SamplerSettings, BeforeValidator(by_name)] = Field(
+        default_factory=SamplerSettings,
+        description="The Optuna sampler, by name ('tpe') or with options "
+        "({name: cmaes, cmaes: {restart_strategy: ipop}}).",
+    )
+    pruner: Annotated[PrunerSettings, BeforeValidator(by_name)] = Field(
+        default_factory=PrunerSettings,
+        description="Stop unpromising trials early on their intermediate values: the "
+        "pruner by name ('hyperband') or with options.",
+    )
+    select: Literal["primary", "knee"] = Field(
+        "primary",
+        description="With several objectives, which trial of the Pareto front is trained "
+        "and evaluated: the best on the first objective (primary), or the knee point (the "
+        "closest to the ideal point, each objective scaled to the front's range).",
+    )
+    constraints: Gates = Field(
+        default_factory=list,
+        description="Conditions a trial must meet to count, 'metric:op:value' like gates, "
+        "e.g. 'train_time_s:lt:600'; infeasible trials are marked and never chosen, and "
+        "tpe, nsgaii and gp steer away from them.",
+    )
+    warm_start: WarmStartSettings = Field(
+        default_factory=lambda: WarmStartSettings(),
+        description="Configurations tried first: given, the best of an earlier study, "
+        "the best rows of a sweep.",
     )
     seed: int | None = Field(0, description="Sampler seed (null: random).")
     storage: str | None = Field(
@@ -148,6 +223,13 @@ class PipelineSettings(Settings):
     )
     objective: Metric = Field("val_nrmse", description="Metric HPO optimises.")
     direction: Direction = Field("minimize", description="minimize or maximize the objective.")
+    objectives: list[Objective] = Field(
+        default_factory=list,
+        description="Several objectives, e.g. [{metric: nrmse, direction: minimize}, "
+        "{metric: train_time_s, direction: minimize}]: a multi-objective study whose "
+        "Pareto front is reported; hpo.select picks the trial that is trained (given, "
+        "they replace objective and direction).",
+    )
     hpo: HpoSettings = Field(default_factory=HpoSettings, description="The HPO stage.")
     cluster: ClusterSettings = Field(
         default_factory=ClusterSettings, description="Where trials run in parallel."
@@ -173,7 +255,14 @@ class PipelineSettings(Settings):
         and the submission folder can be written, the Dask scheduler answers."""
         self.train.check()
         self.evaluate.check()
-        check_known_objective(self.objective, [self.train.target])
+        for metric, _ in self.objective_list:
+            if metric not in DERIVED_METRICS:
+                check_known_objective(metric, [self.train.target])
+        if len(self.objective_list) > 1 and self.hpo.sampler.name == "cmaes":
+            raise ExpflowError(
+                "hpo.sampler 'cmaes' optimises one objective; with several objectives use "
+                "nsgaii, tpe, gp, random, qmc, grid or bruteforce"
+            )
         from expflow_flows.hpo.study import URL_RE, resolve_storage
 
         storage = resolve_storage(self.hpo.storage)
@@ -191,6 +280,18 @@ class PipelineSettings(Settings):
                 "give a folder that can be written, or submit.enabled=false",
             )
         self.cluster.check()
+
+    @property
+    def objective_list(self) -> list[tuple[str, str]]:
+        """(metric, direction) of each objective: ``objectives``, else ``objective``."""
+        if self.objectives:
+            return [(o.metric, o.direction) for o in self.objectives]
+        return [(self.objective, self.direction)]
+
+    @property
+    def primary(self) -> str:
+        """The first objective's metric: pruning and the single-value views use it."""
+        return self.objective_list[0][0]
 
     @property
     def study_name(self) -> str:

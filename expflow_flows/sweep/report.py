@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from expflow_flows.errors import ExpflowError
-from expflow_flows.html import render
+from expflow_flows.html import render, shared_plotly_js
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ _MAX_FACETS = 12
 _FEW_VALUES = 5  # a third param with at most this many values facets the heatmaps
 _MAX_PANELS = 24
 _REFRESH = re.compile(r"<meta\s+http-equiv=['\"]?refresh['\"]?[^>]*>", re.IGNORECASE)
+# A page's <script> loading the folder's plotly.js (shared_plotly_js), by its relative name.
+_SHARED_PLOTLY = re.compile(r"<script src=['\"]plotly-[^'\"/]+\.min\.js['\"]")
 _CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -431,7 +433,7 @@ def _top_data(
 
 
 class _Figures:
-    """Numbers the figures of a page; plotly.js itself goes into the page head once."""
+    """Numbers the figures of a page; the page head loads plotly.js from the folder's copy."""
 
     def __init__(self) -> None:
         self.n = 0
@@ -468,12 +470,10 @@ def write_dashboard(
     top_k: int = 20,
     facet: str | None = None,
 ) -> Path:
-    """Write one self-contained (offline) plotly HTML dashboard of a sweep's rows to ``path``.
+    """Write an offline plotly HTML dashboard of a sweep's rows to ``path`` (and plotly.js beside).
 
     ``objective`` defaults to the first metric; ``facet`` names a param to split heatmaps by.
     """
-    from plotly.offline import get_plotlyjs
-
     raw_rows = list(rows)
     combos = _combine(raw_rows)
     params = _names(combos, PARAM)
@@ -591,7 +591,7 @@ def write_dashboard(
     page = render(
         "sweep_dashboard.html.j2",
         title=title,
-        plotly_js=get_plotlyjs(),
+        plotly_js_src=shared_plotly_js(Path(path).parent),
         colours=COLOURS,
         other_colour=_OTHER_COLOUR,
         n_combos=len(combos),
@@ -775,6 +775,8 @@ def export_png(
             src = Path(tmp) / "page.html"
             if isinstance(html_or_fig, str):
                 text = html_or_fig
+                if _SHARED_PLOTLY.search(text):
+                    shared_plotly_js(Path(tmp))  # page text has no folder of its own
             else:
                 import plotly.io as pio
 
