@@ -19,6 +19,17 @@ def quadratic(params, run):
     return {"loss": loss, "score": -loss}
 
 
+def tradeoff(params, run):
+    """Two objectives that pull apart: loss is lowest at x=2, cost grows with |x|."""
+    x = float(params["x"])
+    steps = run.budget.epochs or 3
+    loss = (x - 2.0) ** 2
+    for step in range(1, steps + 1):
+        run.report(step, loss=loss + 1.0 / step)
+    (run.run_dir / "model.txt").write_text(str(x))
+    return {"loss": loss, "cost": abs(x)}
+
+
 def params_only(params):
     return {"value": float(params.get("a", 1)) * 2}
 

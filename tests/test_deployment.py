@@ -752,9 +752,17 @@ def test_the_run_form_is_typed_with_descriptions_and_choices(deployed, flow_name
     assert workers["minimum"] == 1
     if flow_name == "pipeline":
         hpo = definitions["HpoSettingsOverrides"]["properties"]
-        pruner = next(a for a in hpo["pruner"]["anyOf"] if "enum" in a)
-        assert pruner["enum"] == ["median", "none"]
         assert "Finished trials" in hpo["n_trials"]["description"]
+        # the sampler and the pruner are chosen by name from a list in the form
+        for section, names in (
+            ("PrunerSettingsOverrides", ["median", "percentile", "hyperband"]),
+            ("SamplerSettingsOverrides", ["tpe", "random", "qmc", "cmaes", "gp"]),
+        ):
+            name = definitions[section]["properties"]["name"]
+            choices = next(a for a in name["anyOf"] if "enum" in a)["enum"]
+            assert names == choices[: len(names)], section
+        hyperband = definitions["HyperbandOptionsOverrides"]["properties"]
+        assert "epochs" in hyperband["max_resource"]["description"]
     else:
         top = definitions["SweepSettingsOverrides"]["properties"]
         ratio = next(a for a in top["max_failure_ratio"]["anyOf"] if a.get("type") == "number")

@@ -440,3 +440,60 @@ def test_a_study_that_cannot_start_says_why_before_any_trial(hpo_settings, more,
         loop.open_settings_study(settings, settings.hpo.storage)
     assert named in str(err.value)
     assert not (tmp_path / "trials").exists()
+
+
+def test_warm_starts_from_a_sweeps_best_rows(tmp_path, home):
+    from expflow_flows.home import runs_root
+    from expflow_flows.sweep.store import ResultStore
+
+    rows = []
+    for i, (modes, lr, nrmse) in enumerate(
+        [(3, 0.01, 0.30), (5, 0.02, 0.10), (7, 0.05, 0.20), (4, 9.0, 0.05), (6, 0.03, None)]
+    ):
+        rows.append(
+            {
+                "key": f"k{i}",
+                "combo_id": f"c{i}",
+                "combo_index": i,
+                "step": "",
+                "params": {"modes": modes, "lr": lr, "seed": 0},
+                "metrics": {} if nrmse is None else {"val_nrmse": nrmse},
+                "status": "ok" if nrmse is not None else "failed",
+                "reason": "",
+                "wall_s": 1.0,
+                "cpu_s": 1.0,
+                "peak_rss_mb": 10.0,
+                "attempts": 1,
+                "worker": "w",
+                "run_dir": f"/runs/{i}",
+                "started_at": 1.0,
+                "ended_at": 2.0,
+                "recorded_at": 3.0,
+            }
+        )
+    ResultStore.for_sweep_dir(runs_root() / "modes-sweep").record_many(rows)
+    settings = make_settings(
+        "pde",
+        tmp_path,
+        {
+            "sampler": "random",
+            "pruner": "none",
+            "n_trials": 4,
+            "warm_start": {"sweep": {"name": "modes-sweep", "metric": "val_nrmse", "best": 3}},
+        },
+    )
+    study, _ = run(settings, tmp_path)
+    ordered = sorted(trials(study), key=lambda t: t.number)
+    # best first: lr=9.0 is outside this study's range, so the sampler picks that one's lr
+    assert [t.user_attrs.get(hpo.WARM_START_ATTR) for t in ordered] == ["sweep:modes-sweep"] * 3 + [
+        None
+    ]
+    assert ordered[0].params["modes"] == 4 and ordered[0].params["lr"] != 9.0
+    assert ordered[1].params == {"modes": 5, "lr": 0.02}
+    assert ordered[2].params == {"modes": 7, "lr": 0.05}
+
+    missing = make_settings(
+        "pde", tmp_path / "x", {"warm_start": {"sweep": {"name": "nope", "metric": "val_nrmse"}}}
+    )
+    with pytest.raises(ExpflowError, match="no sweep named 'nope'"):
+        loop.open_settings_study(missing, missing.hpo.storage)

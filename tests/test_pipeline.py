@@ -313,3 +313,47 @@ def test_a_python_call_with_an_earlier_key_is_refused_naming_where_it_went(prefe
     state = pipeline(settings={"hpo": {"n_trials": 0}}, return_state=True)
     assert state.is_failed() and "settings.hpo.n_trials" in state.message
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def test_a_multi_objective_pipeline_reports_its_pareto_front_and_submits_the_chosen_trial(
+    prefect_harness, home, tmp_path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = run_pipeline(
+        tmp_path,
+        experiment="quad-pareto",
+        train={"target": "sample_trainables:tradeoff"},
+        objectives=["loss", "cost:minimize"],
+        hpo={
+            "n_trials": 10,
+            "sampler": {"name": "nsgaii", "nsgaii": {"population_size": 4}},
+            "select": "knee",
+        },
+        gates=["test_loss:lt:25"],
+    )
+    study = load_study(tmp_path, "quad-pareto")
+    assert study.metric_names == ["loss", "cost"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="quad-pareto-pareto"))
+        )
+    assert len(arts) == 1
+    front = arts[0].data
+    front = json.loads(front) if isinstance(front, str) else front
+    chosen = [row for row in front if row["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["trial"] == summary["best_trial"]
+    # the front is the completed trials nobody beats on both loss and cost
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    for row in front:
+        loss, cost = study.trials[row["trial"]].values
+        assert (row["loss"], row["cost"]) == (pytest.approx(loss, abs=1e-6), pytest.approx(cost))
+        assert not any(t.values[0] < loss and t.values[1] < cost for t in done)
+    # the chosen trial's parameters were trained, evaluated and submitted
+    best = study.trials[summary["best_trial"]]
+    assert summary["best_params"] == best.params
+    assert summary["metrics"]["x_used"] == pytest.approx(best.params["x"])
+    bundle = Path(summary["bundle"])
+    assert bundle.exists()
+    assert "Pareto front" in Path(summary["report"]).read_text()

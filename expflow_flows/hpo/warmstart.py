@@ -118,8 +118,14 @@ def from_sweep(
     folder = runs_root() / name
     if _unsafe_name(name) or not (folder / "results.sqlite").exists():
         raise ExpflowError(f"hpo.warm_start.sweep: no sweep named {name!r} under {runs_root()}")
+    from expflow_flows.sweep.results import PARAM_PREFIX
+
     rows = SweepResults.load(folder).best(metric, maximize=maximize, n=best)
-    return _in_space(rows, space, f"sweep {name!r}")
+    params = [
+        {k[len(PARAM_PREFIX) :]: v for k, v in row.items() if k.startswith(PARAM_PREFIX)}
+        for row in rows
+    ]
+    return _in_space(params, space, f"sweep {name!r}")
 
 
 def _unsafe_name(name: str) -> bool:
