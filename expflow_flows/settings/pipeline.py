@@ -258,6 +258,7 @@ class PipelineSettings(Settings):
         for metric, _ in self.objective_list:
             if metric not in DERIVED_METRICS:
                 check_known_objective(metric, [self.train.target])
+        self._check_search()
         if len(self.objective_list) > 1 and self.hpo.sampler.name == "cmaes":
             raise ExpflowError(
                 "hpo.sampler 'cmaes' optimises one objective; with several objectives use "
@@ -280,6 +281,20 @@ class PipelineSettings(Settings):
                 "give a folder that can be written, or submit.enabled=false",
             )
         self.cluster.check()
+
+    def _check_search(self) -> None:
+        """The search space holds the warm starts, and the grid and bruteforce samplers
+        can enumerate it."""
+        from expflow_flows.hpo import algorithms, warmstart
+        from expflow_flows.hpo.space import SearchSpace
+
+        space = SearchSpace.load(self.space)
+        for i, config in enumerate(self.hpo.warm_start.configs, 1):
+            warmstart.check_config(config, space, f"hpo.warm_start.configs[{i}]")
+        if self.hpo.sampler.name == "bruteforce":
+            algorithms.discrete_only(space)
+        elif self.hpo.sampler.name == "grid":
+            algorithms.grid_of(space, self.hpo.sampler.grid.points)
 
     @property
     def objective_list(self) -> list[tuple[str, str]]:
