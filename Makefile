@@ -77,6 +77,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_checkpoint.py
+	$(PY) benchmarks/bench_hpo_algorithms.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check expflow_flows tests benchmarks

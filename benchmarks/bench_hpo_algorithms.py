@@ -13,11 +13,11 @@ run the way the pipeline runs them without Prefect (``loop.open_settings_study``
 The trainable is ``expflow_flows.pde.trainables:train`` on a small synthetic Burgers
 problem (fixed below; not advection, which the width-0 model solves exactly) over the
 default search space (``expflow_flows/pde/space.yaml``), with a budget of 27 epochs
-(Hyperband's rungs at 1, 3, 9 and 27 epochs). For each
-configuration: the best validation nRMSE of a completed trial, the epochs spent (each
-trial's reported epochs, summed over the study), pruned trials and wall time; and, to
-compare at equal cost, the best value each had found once it had spent as many epochs
-as the cheapest configuration spent in all.
+(Hyperband's rungs at 1, 3, 9 and 27 epochs). For each configuration: the best
+validation nRMSE of a completed trial, the epochs spent (each trial's reported epochs,
+summed over the study), pruned trials and wall time; and, to compare at equal cost, the
+best value each had found once it had spent as many epochs as the cheapest
+configuration spent in all.
 
 Figures are printed and written to BENCHMARKS.md; nothing here asserts them. A study
 with a failed trial stops the benchmark with the trial's reason.
@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -172,7 +173,9 @@ def spread(values: list[float], fmt: str) -> str:
 
 def quiet_optuna() -> None:
     """Optuna warns on every CMA-ES trial that it draws the categorical batch_size at
-    random; the section says so once instead."""
+    random (the section says so once instead), and on every study of its experimental
+    features (metric names, CMA-ES's margin)."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.get_logger("optuna")  # makes its handler
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(lambda record: "sampled independently" not in record.getMessage())
@@ -227,6 +230,11 @@ def main() -> None:
     mean_best = {k: statistics.mean(r["best"] for r in v) for k, v in results.items()}
     d_best, h_best = mean_best["TPE + median (default)"], mean_best["TPE + Hyperband"]
     ratio = mean_epochs["TPE + Hyperband"] / mean_epochs["TPE + median (default)"]
+    d_range, h_range = (
+        [r["best"] for r in results[k]] for k in ("TPE + median (default)", "TPE + Hyperband")
+    )
+    apart = max(h_range) < min(d_range) or max(d_range) < min(h_range)
+    overlap = "do not overlap" if apart else "overlap"
     lines = [
         f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"load average {load:.1f} at the start, {load_end:.1f} at the end; "
@@ -254,16 +262,20 @@ def main() -> None:
         f"Reading: TPE + Hyperband spent {100 * ratio:.0f}% of the epochs of TPE + median "
         f"({100 * mean_epochs['TPE + Hyperband'] / full:.0f}% of an unpruned study's) and "
         f"ended at a mean best of {h_best:.4f} against {d_best:.4f} "
-        f"({100 * (h_best - d_best) / d_best:+.1f}%); random and CMA-ES, unpruned, spent "
-        f"every epoch for {mean_best['random, no pruner']:.4f} and "
-        f"{mean_best['CMA-ES, no pruner']:.4f}. What this does not show: {len(SEEDS)} seeds "
-        "are few, so a difference smaller than the min–max spread is not a finding; it is "
-        "one small, cheap problem at a fixed trial budget (with an epoch budget Hyperband "
-        "would spend its savings on more trials); the samplers ran with default options "
-        "(CMA-ES draws the categorical batch_size at random, as Optuna's CMA-ES cannot "
-        "model it). Wall time follows epochs only roughly: each trial has a fixed cost "
-        "(start, journal writes, a study load for its reports) that pruning does not "
-        "remove, and this machine was shared (load above).",
+        f"({100 * (h_best - d_best) / d_best:+.1f}%; the seeds' ranges {overlap}); "
+        f"random and CMA-ES, unpruned, spent every epoch for "
+        f"{mean_best['random, no pruner']:.4f} and {mean_best['CMA-ES, no pruner']:.4f}. "
+        "Both pruners save epochs; whether Hyperband's further saving costs optimum, these "
+        f"figures cannot say: {len(SEEDS)} seeds are few, and with {WORKERS} trials at a "
+        "time a seed does not fix a study (which trial reports first steers TPE's constant "
+        "liar and the pruners), so running the benchmark again can move a seed's best "
+        "by as much as the seeds' spread. It is one small, cheap problem at an equal trial "
+        "budget; at an equal epoch budget Hyperband could run more trials, which this does "
+        "not measure. The samplers ran with default options (CMA-ES draws the categorical "
+        "batch_size at random: Optuna's CMA-ES cannot model it). Wall time follows epochs "
+        "only roughly: each trial has a fixed cost (start, journal writes, a study load for "
+        "its reports) that pruning does not remove, and this machine was shared (load "
+        "above).",
         "",
         "Burgers (nu 0.01), not advection: advection is linear and the width-0 spectral "
         "model represents it exactly, so on it every configuration ends near nRMSE 1e-5 "
