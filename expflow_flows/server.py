@@ -67,6 +67,12 @@ def start(
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
+    # The UI asks the server for its API address (/ui-settings), which Prefect derives
+    # from these settings, not from --port: without them a UI on another port talks to
+    # whatever server listens on 4200.
+    env["PREFECT_SERVER_API_HOST"] = host
+    env["PREFECT_SERVER_API_PORT"] = str(port)
+    env["PREFECT_UI_API_URL"] = api_url(port, host)
     if database_url:
         if not database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
             raise ExpflowError(
