@@ -124,11 +124,29 @@ def slurm() -> dict[str, str]:
         out = subprocess.run(
             [sinfo, "-h", "-o", "%P %a %D %t"], capture_output=True, text=True, timeout=5
         )
+    except subprocess.TimeoutExpired:
+        return _row(
+            "Slurm",
+            "unreachable",
+            "sinfo got no answer in 5 s (is slurmctld running, and SLURM_CONF set?)",
+        )
     except (OSError, subprocess.SubprocessError) as exc:
-        return _row("Slurm", "unreachable", str(exc))
+        return _row("Slurm", "unreachable", _slurm_error(str(exc)))
     if out.returncode != 0:
-        return _row("Slurm", "unreachable", (out.stderr or out.stdout).strip()[:200])
+        return _row("Slurm", "unreachable", _slurm_error(out.stderr or out.stdout))
     return _row("Slurm", "ok", out.stdout.strip().replace("\n", "; ")[:200])
+
+
+def _slurm_error(text: str) -> str:
+    """sinfo's complaint in one line: its last error, without the 'sinfo: error:' prefixes."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "sinfo failed without saying why"
+    last = lines[-1]
+    for prefix in ("sinfo: fatal:", "sinfo: error:", "slurm_load_partitions:"):
+        last = last.removeprefix(prefix).strip()
+    hint = " (is slurmctld running, and SLURM_CONF set?)"
+    return f"the controller did not answer: {last[:160]}{hint}"
 
 
 def status_rows() -> list[dict[str, Any]]:

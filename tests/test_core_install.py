@@ -43,12 +43,14 @@ def core(tmp_path_factory):
     return {"py": py, "bin": venv / "bin", "env": env, "root": root}
 
 
-def run(core, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    core, *argv: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(core["bin"] / argv[0]), *argv[1:]],
         capture_output=True,
         text=True,
-        env=core["env"],
+        env={**core["env"], **(env or {})},
         cwd=core["root"],
         timeout=timeout,
         stdin=subprocess.DEVNULL,
@@ -108,3 +110,10 @@ def test_a_command_needing_a_missing_sdk_names_the_extra(core):
     )
     assert clearml.returncode == 2
     assert clearml.stderr.strip().endswith("pip install 'expflow-flows[clearml]'"), clearml.stderr
+
+
+def test_system_status_shows_whole_install_hints_on_the_core(core):
+    out = run(core, "expflow", "system", "status", env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    for extra in ("clearml", "langfuse", "mcp"):
+        assert f"pip install 'expflow-flows[{extra}]'" in out.stdout, out.stdout

@@ -330,6 +330,17 @@ def test_system_status_and_version(home):
     )
 
 
+def test_system_status_says_in_one_line_why_slurm_is_unreachable(home, tmp_path):
+    bad = tmp_path / "slurm.conf"
+    bad.write_text("ClusterName=x\nSlurmctldHost=localhost\nSlurmctldPort=1\n")
+    for conf in (str(bad), str(tmp_path / "missing.conf")):
+        rows = json.loads(cli("system", "status", "--json", env={"SLURM_CONF": conf}).stdout)
+        slurm = next(r for r in rows if r["part"] == "Slurm")
+        assert slurm["state"] == "unreachable"
+        assert "\n" not in slurm["detail"] and "Command '[" not in slurm["detail"]
+        assert "slurmctld" in slurm["detail"], slurm["detail"]
+
+
 def test_deleting_ledger_entries_and_studies_is_guarded(home, tmp_path):
     from expflow_flows.governance import pin
     from expflow_flows.hpo.study import open_storage, open_study

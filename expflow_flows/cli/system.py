@@ -19,11 +19,13 @@ def system_status(json_out: bool = typer.Option(False, "--json", help="Print JSO
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="expflow system status")
     for col in ("part", "state", "detail"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["part"], r["state"], r["detail"])
+        # escaped: an install hint such as 'expflow-flows[mcp]' is text, not Rich markup
+        table.add_row(escape(r["part"]), escape(r["state"]), escape(r["detail"]))
     Console().print(table)
