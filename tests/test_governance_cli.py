@@ -226,6 +226,13 @@ def test_compare_unknown_metric_lists_the_known_ones(three):
     assert "'nrsme'" in line and "PDE/nrmse" in line
 
 
+def test_a_gate_on_a_metric_no_experiment_reports_is_an_error_naming_it(three):
+    result = cli("compare", "--metric", "nrmse", "--gate", "no_such_metric:lt:1")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert "'no_such_metric'" in line and "nrmse" in line and "train_time_min" in line
+
+
 # --- audit -------------------------------------------------------------------------
 
 

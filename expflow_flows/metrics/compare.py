@@ -77,6 +77,14 @@ def rank(
     if direction not in ("minimize", "maximize"):
         raise ExpflowError(f"direction {direction!r}: expected minimize or maximize")
     gates = list(gates)
+    for gate in gates:
+        # A gate no experiment can pass because none reports its metric is a typo or the
+        # wrong metric, not a filter: say so instead of returning an empty table.
+        if experiments and gate.metric not in seen and gate.metric.rsplit("/", 1)[-1] not in seen:
+            raise ExpflowError(
+                f"gate {gate.text!r}: no compared experiment reports {gate.metric!r}; "
+                f"they report: {', '.join(sorted(k for k in seen if '/' not in k))}"
+            )
     ranking = Ranking(metric=metric, direction=direction)
     for exp in experiments:
         metrics = dict(exp.metrics or {})
