@@ -103,6 +103,20 @@ def test_runs_list_and_show(home):
     assert [h["to"] for h in shown["history"]] == ["DRAFT", "RUNNING", "COMPLETED"]
 
 
+def test_runs_list_keeps_each_id_whole_on_one_line_at_80_columns(home):
+    ledger = Ledger()
+    ids = [
+        finished(ledger, "a-rather-long-experiment-name", {"nrmse": 0.02}).id,
+        ledger.register("fno-b", flow_run_id="5d184b8a-2b6a-4d38-b417-bf56664d565a").id,
+    ]
+    out = cli("runs", "list", env={"COLUMNS": "80"}).stdout
+    assert all(len(line) <= 80 for line in out.splitlines())
+    for exp_id in ids:
+        assert any(exp_id in line for line in out.splitlines()), (exp_id, out)
+    # the id copied from the table is one `runs show` takes
+    assert json.loads(cli("runs", "show", ids[0]).stdout)["id"] == ids[0]
+
+
 def test_runs_show_unknown_id_and_bad_state(home):
     assert "424242" in error_line(cli("runs", "show", "424242"))
     assert "RUNING" in error_line(cli("runs", "list", "--state", "RUNING"))

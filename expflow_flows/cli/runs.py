@@ -63,11 +63,18 @@ def runs_list(
     from rich.console import Console
     from rich.table import Table
 
+    # The id is what a user copies into `runs show/cancel/retry`: never wrapped. The
+    # flow run's UUID is shortened (`runs show` prints it whole); names give way first.
     table = Table(title="Experiments")
-    for col in ("id", "name", "kind", "state", "updated", "flow run"):
-        table.add_column(col, overflow="fold")
+    table.add_column("id", no_wrap=True, min_width=18)
+    table.add_column("name", overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column("kind", overflow="ellipsis", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("updated", no_wrap=True)
+    table.add_column("flow run", no_wrap=True)
     for r in rows:
-        table.add_row(r.id, r.name, r.kind, r.state, _when(r.updated_at), r.flow_run_id or "")
+        flow = (r.flow_run_id or "")[:8]
+        table.add_row(r.id, r.name, r.kind, r.state, _when(r.updated_at)[5:16], flow)
     Console().print(table)
 
 
