@@ -89,3 +89,37 @@ def test_past_the_maximum_wait_a_failing_policy_fails_the_flow(prefect_harness, 
     assert state.is_failed()
     assert "off-peak policy" in state.message and "maximum wait" in state.message
     assert not (home / "runs" / "never").exists()  # nothing ran
+
+
+def test_a_deferred_deployment_run_is_no_experiment_and_says_when_in_the_policys_zone(
+    deployment_id, home, monkeypatch
+):
+    """Before: the deferring run ended Completed (green, 0 task runs) with a COMPLETED
+    ledger row and no metrics, which the next audit failed; its time was in UTC."""
+    from zoneinfo import ZoneInfo
+
+    from prefect.client.orchestration import get_client
+
+    from expflow_flows.flows.sweep import sweep
+    from expflow_flows.governance.ledger import Ledger
+
+    monkeypatch.setattr("prefect.runtime.deployment.get_id", lambda: deployment_id)
+    local = dt.datetime.now(ZoneInfo("America/New_York"))
+    opens = local + dt.timedelta(hours=2)
+    window = f"{opens:%H:%M}-{opens + dt.timedelta(hours=1):%H:%M}"
+    state = sweep(
+        settings={
+            "name": "tonight",
+            "trainable": "sample_trainables:sweep_square",
+            "space": {"grid": {"x": [1]}},
+            "offpeak": {"windows": [window], "timezone": "America/New_York", "weekends": False},
+        },
+        return_state=True,
+    )
+    assert state.type.value == "CANCELLED" and state.name == "Deferred"
+    assert f"off-peak from {opens:%Y-%m-%d %H:%M} America/New_York" in state.message
+    new_id = state.message.rsplit("flow run ", 1)[1]
+    with get_client(sync_client=True) as client:
+        scheduled = client.read_flow_run(new_id)
+    assert scheduled.state.is_scheduled()
+    assert Ledger().list() == []  # no experiment until the scheduled run starts

@@ -88,6 +88,19 @@ def record_outputs(flow_run_id: str, *, params: dict, metrics: dict, run_dir: st
     return None
 
 
+def forget_flow_run(flow_run_id: str) -> None:
+    """Remove the ledger row of a flow run that did no work (it deferred itself)."""
+    if not flow_run_id:
+        return
+    try:
+        ledger = Ledger()
+        row = ledger.find_by_flow_run(flow_run_id)
+        if row is not None and not row.metrics:
+            ledger.delete(row.id)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not break the run
+        log.warning("ledger row of flow run %s not removed: %s", flow_run_id, exc)
+
+
 def hooks_for(describe: Describe) -> dict[str, list[Any]]:
     """State hooks for a flow: register on running; completed, failed (crashed too), cancelled."""
     return {

@@ -15,9 +15,10 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
-from prefect.states import Scheduled
+from prefect.states import Cancelled, Scheduled
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.flows.ledger_hooks import forget_flow_run
 from expflow_flows.governance.offpeak import OffPeakPolicy
 
 TRIGGER_TAG = "offpeak-triggered:"
@@ -69,6 +70,8 @@ def hold_for_offpeak(
             _triggered_at(now),
         )
         logger.info("off-peak policy: %s; deferred as flow run %s", decision.reason, new_id)
+        # Not an experiment yet: the run that does the work registers itself when it starts.
+        forget_flow_run(str(flow_run.get_id() or ""))
         return {
             "deferred_to": decision.start_at.isoformat(),
             "flow_run_id": new_id,
@@ -78,3 +81,13 @@ def hold_for_offpeak(
     logger.info("off-peak policy: %s; waiting %.0f s in this process", decision.reason, wait)
     time.sleep(max(0.0, wait))
     return None
+
+
+def deferred_state(deferred: dict[str, Any]) -> Any:
+    """How a deferred run ends: not Completed (it produced nothing), but 'Deferred', saying
+    when and as which flow run the work happens."""
+    return Cancelled(
+        name="Deferred",
+        message=f"off-peak policy: {deferred['reason']}; the work runs as flow run "
+        f"{deferred['flow_run_id']}",
+    )

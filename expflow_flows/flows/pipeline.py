@@ -27,7 +27,7 @@ from expflow_flows.bundles import submission
 from expflow_flows.errors import ExpflowError, GateFailed, JobEnding
 from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
-from expflow_flows.flows.offpeak import hold_for_offpeak
+from expflow_flows.flows.offpeak import deferred_state, hold_for_offpeak
 from expflow_flows.flows.outcomes import failed_outcome, stop_file
 from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
@@ -342,7 +342,7 @@ def pipeline(
         resolved = load_pipeline_settings(config, take_over(settings))
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
-            return deferred
+            return deferred_state(deferred)
         # In a Slurm job that may be requeued: checkpoint before the job ends, then resume.
         with slurmjob.guard(stop_file(), get_run_logger().warning):
             return _pipeline(resolved, force)

@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from expflow_flows.errors import JobEnding
 from expflow_flows.flows.clusters import dask_client
 from expflow_flows.flows.ledger_hooks import describe_sweep, hooks_for, record_outputs
-from expflow_flows.flows.offpeak import hold_for_offpeak
+from expflow_flows.flows.offpeak import deferred_state, hold_for_offpeak
 from expflow_flows.flows.outcomes import failed_outcome, stop_file
 from expflow_flows.home import runs_root
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
@@ -92,7 +92,7 @@ def sweep(
         resolved = load_sweep_settings(config, take_over(settings))
         deferred = hold_for_offpeak(resolved.offpeak.model_dump() if resolved.offpeak else None)
         if deferred:
-            return deferred
+            return deferred_state(deferred)
         # In a Slurm job that may be requeued: checkpoint before the job ends, then resume.
         with slurmjob.guard(stop_file(), get_run_logger().warning):
             return run_sweep(resolved)

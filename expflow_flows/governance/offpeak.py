@@ -163,8 +163,13 @@ class OffPeakPolicy:
             return Decision("run", now, "inside the off-peak window")
         start = self.next_start(now)
         return self._bounded(
-            now, triggered_at, start, f"peak hours; off-peak from {start.isoformat()}"
+            now, triggered_at, start, f"peak hours; off-peak from {self.shown(start)}"
         )
+
+    def shown(self, when: dt.datetime) -> str:
+        """A time as the policy's users read it: in its timezone, named."""
+        local = when.astimezone(ZoneInfo(self.timezone))
+        return f"{local:%Y-%m-%d %H:%M} {self.timezone}"
 
     def _bounded(
         self, now: dt.datetime, triggered_at: dt.datetime, start: dt.datetime, why: str
