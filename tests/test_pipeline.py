@@ -357,3 +357,34 @@ def test_a_multi_objective_pipeline_reports_its_pareto_front_and_submits_the_cho
     bundle = Path(summary["bundle"])
     assert bundle.exists()
     assert "Pareto front" in Path(summary["report"]).read_text()
+
+
+def test_artifacts_show_small_values_and_short_floats_and_the_submit_task_is_named(
+    prefect_harness, home, tmp_path
+):
+    """Before: l2 ~ 1e-8 showed as 0 in the trials table, the best-parameters artifact
+    printed 17-digit floats, and the submission task run was called submit-<random>."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+
+    space = {**SPACE, "l2": {"type": "float", "low": 1.0e-9, "high": 1.0e-7, "log": True}}
+    state = run_pipeline(
+        tmp_path, experiment="quad-cells", space=space, hpo={"n_trials": 3}, return_state=True
+    )
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        arts = {
+            a.key: a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="quad-cells"))
+            )
+        }
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]})
+        )
+    table = arts["quad-cells-trials"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert all(0 < row["param:l2"] < 1e-6 for row in table)
+    best = arts["quad-cells-best-params"].data
+    assert not re.search(r"\d\.\d{8,}", best), best
+    assert "submit" in {t.name for t in tasks}

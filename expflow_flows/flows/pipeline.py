@@ -12,6 +12,7 @@ and run folders are domain modules; these flows compose them and report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -291,9 +292,15 @@ def _trial_record(
 
 
 def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 6)
+    """A table cell: floats to 6 significant digits (an l2 of 1e-8 is not 0)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.6g}")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value in a markdown artifact: floats to 6 significant digits, not 17."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _artifact_key(*parts: str) -> str:
@@ -551,7 +558,7 @@ def _stages(
     return summary
 
 
-@task(name="submit", cache_policy=NO_CACHE)
+@task(name="submit", task_run_name="submit", cache_policy=NO_CACHE)
 def submit_task(
     dest: str,
     name: str,
@@ -634,7 +641,7 @@ def _best_markdown(
         "| parameter | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in params.items()]
+    lines += [f"| {k} | {_shown(v)} |" for k, v in params.items()]
     return "\n".join(lines)
 
 
