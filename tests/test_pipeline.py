@@ -348,7 +348,10 @@ def test_a_multi_objective_pipeline_reports_its_pareto_front_and_submits_the_cho
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     for row in front:
         loss, cost = study.trials[row["trial"]].values
-        assert (row["loss"], row["cost"]) == (pytest.approx(loss, abs=1e-6), pytest.approx(cost))
+        assert (row["loss"], row["cost"]) == (
+            pytest.approx(loss, rel=1e-5),
+            pytest.approx(cost, rel=1e-5),
+        )
         assert not any(t.values[0] < loss and t.values[1] < cost for t in done)
     # the chosen trial's parameters were trained, evaluated and submitted
     best = study.trials[summary["best_trial"]]
@@ -388,3 +391,24 @@ def test_artifacts_show_small_values_and_short_floats_and_the_submit_task_is_nam
     best = arts["quad-cells-best-params"].data
     assert not re.search(r"\d\.\d{8,}", best), best
     assert "submit" in {t.name for t in tasks}
+
+
+def test_the_experiment_reports_its_training_time_so_the_readme_compare_works(
+    prefect_harness, home, tmp_path
+):
+    """Before: no run reported train_time_min, so the README's
+    `expflow compare --gate train_time_min:lt:60` returned an empty table and the
+    registry's threshold on it was always n/a in audits."""
+    from typer.testing import CliRunner
+
+    from expflow_flows.cli.app import app
+    from expflow_flows.governance.ledger import Ledger
+
+    summary = run_pipeline(tmp_path, experiment="quad-time", hpo={"n_trials": 2})
+    row = Ledger().get(summary["ledger_id"])
+    assert 0 < row.metrics["train_time_min"] == pytest.approx(row.metrics["train_time_s"] / 60)
+    out = CliRunner().invoke(
+        app, ["compare", "--metric", "test_loss", "--gate", "train_time_min:lt:60", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    assert [r["name"] for r in json.loads(out.stdout)["rows"]] == ["quad-time"]

@@ -487,7 +487,14 @@ def _stages(
     )
 
     # --- Gates decide whether the submission happens; they fail closed.
-    results = gates_mod.evaluate_gates(gate_list, evaluated.metrics)
+    # What the experiment reports: the evaluation's metrics, and the final training's wall
+    # time (the competitions' limit, train_time_min) unless the evaluation reports it.
+    metrics = {
+        "train_time_s": trained.wall_s,
+        "train_time_min": trained.wall_s / 60.0,
+        **evaluated.metrics,
+    }
+    results = gates_mod.evaluate_gates(gate_list, metrics)
     create_table_artifact(
         key=_artifact_key(settings.experiment, "gates"),
         table=[
@@ -512,7 +519,7 @@ def _stages(
         "best_params": shown_params,
         "train_run": str(trained.run_dir),
         "eval_run": str(evaluated.run_dir),
-        "metrics": evaluated.metrics,
+        "metrics": metrics,
         "gates": [
             {"gate": r.gate, "passed": r.passed, "value": r.value, "message": r.message}
             for r in results
@@ -525,13 +532,13 @@ def _stages(
     if not failed and settings.submit.enabled:
         bundle = submit_bundle(settings, evaluated, shown_params, study, force, predictions)
         summary["bundle"] = str(bundle)
-    run_dir.write_metrics(evaluated.metrics)
+    run_dir.write_metrics(metrics)
     llm = llm_calls.summarize([*study.get("trial_dirs", []), trained.run_dir, evaluated.run_dir])
     summary["llm"] = llm.to_dict()
     summary["ledger_id"] = record_outputs(
         str(flow_run.get_id() or ""),
         params=shown_params,
-        metrics={**evaluated.metrics, **llm.metrics()},
+        metrics={**metrics, **llm.metrics()},
         run_dir=str(run_dir.path),
     )
     (run_dir.path / "summary.json").write_text(
@@ -550,7 +557,7 @@ def _stages(
     if bundle is not None:
         artifacts["submission"] = bundle
     message = "; ".join(r.message for r in failed)
-    tracking.run_finished("gate-failed" if failed else "ok", evaluated.metrics, artifacts, message)
+    tracking.run_finished("gate-failed" if failed else "ok", metrics, artifacts, message)
     summary["tracking_warnings"] = list(tracking.warnings)
     if failed:
         raise GateFailed(message + " (nothing was submitted)")
