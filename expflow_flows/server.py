@@ -188,3 +188,78 @@ def ensure_zombie_automation(within_s: int = ZOMBIE_AFTER_S) -> str:
         ],
     )
     return str(automation.create().id)
+
+
+# --- reports over HTTP, beside the server ------------------------------------------------
+
+
+def reports_url(port: int, host: str = "127.0.0.1") -> str:
+    """Where the reports server listens."""
+    return f"http://{host}:{port}"
+
+
+def _reports_answer(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/", timeout=timeout) as resp:
+            return resp.status == 200 and resp.headers.get("Server", "").startswith(
+                "expflow-reports"
+            )
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_reports(port: int, host: str = "127.0.0.1", wait: float = 30.0) -> tuple[str, bool]:
+    """Serve the expflow home's reports read-only on ``port`` unless that runs already;
+    returns (URL, started_now). Flows link reports there from now on."""
+    from expflow_flows import reports_server
+
+    url = reports_url(port, host)
+    if _reports_answer(url):
+        reports_server.record(url)
+        return url, False
+    state = _state_dir()
+    log_path = state / f"reports-{port}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "expflow_flows.reports_server",
+                "--port",
+                str(port),
+                "--host",
+                host,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    (state / f"reports-{port}.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ExpflowError(
+                f"the reports server exited with code {proc.returncode} (port {port} busy?); "
+                f"see {log_path}"
+            )
+        if _reports_answer(url):
+            reports_server.record(url)
+            return url, True
+        time.sleep(0.2)
+    raise ExpflowError(f"the reports server did not answer in {wait:.0f} s; see {log_path}")
+
+
+def stop_reports(port: int) -> bool:
+    """Stop the reports server started on ``port``; False when none was."""
+    from expflow_flows import reports_server
+
+    pid_file = _state_dir() / f"reports-{port}.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().strip() or 0)
+    pid_file.unlink()
+    reports_server.forget()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    return pid > 0

@@ -50,3 +50,12 @@ def test_the_ui_on_another_port_talks_to_its_own_server(own_port_server):
         settings = json.load(resp)
     assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
     assert f"UI: http://127.0.0.1:{port}" in own_port_server["out"]
+
+
+def test_the_server_also_serves_the_homes_reports_read_only(own_port_server):
+    port = own_port_server["port"]
+    assert f"Reports: http://127.0.0.1:{port + 1}/" in own_port_server["out"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/", timeout=10) as resp:
+        assert resp.status == 200 and b"expflow reports" in resp.read()
+    recorded = own_port_server["root"] / "expflow" / "server" / "reports-server.json"
+    assert json.loads(recorded.read_text())["url"] == f"http://127.0.0.1:{port + 1}"

@@ -15,20 +15,35 @@ def server_start(
         envvar="EXPFLOW_SERVER_DATABASE_URL",
         help="postgresql+asyncpg://user@host/db for a team server (default: SQLite).",
     ),
+    reports_port: int | None = typer.Option(
+        None, help="Loopback port of the read-only reports server (default: port + 1; 0: none)."
+    ),
 ) -> None:
-    """Start a local Prefect server in the background (or reuse a running one)."""
+    """Start a local Prefect server in the background (or reuse a running one), and the
+    read-only server of the expflow home's reports that the UI's links open."""
     from expflow_flows import server
 
     url, started = server.start(port, database_url=database_url)
     typer.echo(f"Prefect server {'started' if started else 'already running'}: {url}")
     typer.echo(f"UI: {url.removesuffix('/api')}   (export PREFECT_API_URL={url})")
+    reports = port + 1 if reports_port is None else reports_port
+    if reports:
+        where, _ = server.start_reports(reports)
+        typer.echo(f"Reports: {where}/   (run folders under /runs/, audits under /audits/)")
 
 
 @server_app.command("stop")
-def server_stop(port: int = typer.Option(4200, help="Loopback port.")) -> None:
-    """Stop the local Prefect server started by ``expflow server start``."""
+def server_stop(
+    port: int = typer.Option(4200, help="Loopback port."),
+    reports_port: int | None = typer.Option(
+        None, help="Port of its reports server (default: port + 1)."
+    ),
+) -> None:
+    """Stop the local Prefect server started by ``expflow server start``, and its reports
+    server."""
     from expflow_flows import server
 
+    server.stop_reports(port + 1 if reports_port is None else reports_port)
     typer.echo("stopped" if server.stop(port) else f"no server started by expflow on port {port}")
 
 
