@@ -46,10 +46,15 @@ def test_sweep_run_results_package_and_reproduce(home, tmp_path):
 
     status = cli("sweep", "status", "cli-sweep")
     assert status.returncode == 0 and "6/6" in status.stdout
-    stats = cli("sweep", "results", "cli-sweep", "--best", "loss", "--by", "lr")
+    stats = cli("sweep", "results", "cli-sweep", "--best", "loss", "--by", "lr", "--json")
     rows = [json.loads(x) for x in stats.stdout.splitlines()]
     assert [r["n"] for r in rows] == [2, 2, 2]
     assert abs(rows[0]["mean"] - 1.005) < 1e-9
+    table = cli("sweep", "results", "cli-sweep", "--best", "loss", "--by", "lr")
+    assert table.returncode == 0 and "loss by lr" in table.stdout and "{" not in table.stdout
+    # The dashboard pools the space's replicate (seed) instead of plotting it.
+    page = (Path(summary["sweep_dir"]) / "dashboard.html").read_text()
+    assert "seed is the replicate parameter" in page
 
     if shutil.which("chromium"):
         shot = cli("sweep", "results", "cli-sweep", "--png", str(tmp_path / "dash.png"))

@@ -182,6 +182,131 @@ def test_dashboard_10k_rows(tmp_path: Path) -> None:
     assert path.stat().st_size < 20_000_000
 
 
+# --------------------------------------------------------------------------- honest plots
+
+
+def grid_rows(nrmse_of, *, extra: dict | None = None) -> list[dict[str, Any]]:
+    """lr × width × seed (3×3×3), a constant epochs, ``val_nrmse = nrmse_of(lr, width, seed)``."""
+    rows = []
+    for i, (lr, width, seed) in enumerate(
+        (lr, w, s) for lr in (1e-4, 1e-3, 1e-2) for w in (32, 64, 128) for s in (0, 1, 2)
+    ):
+        rows.append(
+            {
+                "combo_id": f"c{i}",
+                "combo_index": i,
+                "status": "ok",
+                "param:lr": lr,
+                "param:width": width,
+                "param:seed": seed,
+                "param:epochs": 20,
+                "metric:val_nrmse": nrmse_of(lr, width, seed),
+                **(extra or {}),
+            }
+        )
+    return rows
+
+
+def figures(page: str) -> dict[str, dict[str, Any]]:
+    """The page's plotly figures by the start of their title."""
+    out = {}
+    for js in re.findall(r"<script>\(function\(\)\{var f=(.*?);Plotly", page):
+        fig = json.loads(js)
+        out[fig["layout"]["title"]["text"].split(" ")[0]] = fig
+    return out
+
+
+def values(data: Any) -> list[Any]:
+    """A plotly array, plain or typed (``{"dtype": ..., "bdata": base64, "shape"}``), as lists."""
+    if isinstance(data, dict) and "bdata" in data:
+        import base64
+
+        import numpy as np
+
+        flat = np.frombuffer(base64.b64decode(data["bdata"]), dtype=data["dtype"])
+        shape = [int(n) for n in str(data.get("shape", len(flat))).split(",")]
+        return flat.reshape(shape).tolist()
+    return list(data)
+
+
+def decades(lr: float, width: int, seed: int) -> float:
+    """An error spanning three decades over lr, mildly over width and seed."""
+    return {1e-4: 0.5, 1e-3: 0.002, 1e-2: 0.05}[lr] * (1 + width / 256) * (1 + seed / 10)
+
+
+def test_dashboard_pools_the_replicate_and_leaves_out_constant_parameters(
+    tmp_path: Path,
+) -> None:
+    rows = grid_rows(decades)
+    # act varies in the table, but its only other value belongs to failed runs.
+    for r in rows:
+        r["param:act"] = "relu"
+    rows.append(dict(rows[0], combo_id="x", status="failed", **{"param:act": "gelu"}))
+    rows[-1]["metric:val_nrmse"] = None
+    page = write_dashboard(rows, tmp_path / "d.html", title="t", replicate="seed").read_text()
+    figs = figures(page)
+    # Everything a figure shows (its traces and layout, not plotly's style template).
+    text = json.dumps([[f["data"], {**f["layout"], "template": None}] for f in figs.values()])
+    for name in ("seed", "epochs", "act"):
+        assert name not in text, name  # no heatmap axis, facet, importance or panel for it
+    assert "Parameters by importance: lr, width." in page
+    assert "seed is the replicate" in page
+    dims = [d["label"] for d in figs["parameters"]["data"][0]["dimensions"]]
+    assert [d.split(" ")[0] for d in dims] == ["lr", "width", "val_nrmse"]
+    assert [t["name"] for t in figs["marginal"]["data"]] == ["lr", "width"]
+    # The one heatmap is lr × width, and each cell pools the three seeds.
+    heat = figs["mean"]["data"]
+    assert len(heat) == 1 and heat[0]["type"] == "heatmap"
+    assert {cell[0] for row in values(heat[0]["customdata"]) for cell in row} == {3}
+
+
+def test_dashboard_uses_log_axes_for_values_spanning_decades(tmp_path: Path) -> None:
+    page = write_dashboard(grid_rows(decades), tmp_path / "d.html", title="t").read_text()
+    figs = figures(page)
+    marg = figs["marginal"]
+    lr_trace, width_trace = marg["data"]
+    assert marg["layout"]["yaxis"]["type"] == "log"  # val_nrmse spans 0.002 … 0.8
+    assert marg["layout"]["xaxis"]["type"] == "log"  # lr spans 1e-4 … 1e-2
+    assert marg["layout"]["xaxis2"]["type"] == "linear"  # width spans 32 … 128 only
+    assert values(lr_trace["x"]) == [1e-4, 1e-3, 1e-2]
+    # Geometric means, and error bars that stay above zero on the log axis.
+    y, low = values(lr_trace["y"]), values(lr_trace["error_y"]["arrayminus"])
+    assert all(a - b > 0 for a, b in zip(y, low, strict=True))
+    dims = figs["parameters"]["data"][0]["dimensions"]
+    assert dims[0]["label"] == "lr (log scale)" and dims[-1]["label"] == "val_nrmse (log scale)"
+    assert dims[0]["ticktext"] == ["0.0001", "0.001", "0.01"]
+    assert dims[-1]["values"] and max(values(dims[-1]["values"])) < 0  # log10 of values < 1
+    heat = figs["mean"]
+    assert "log" in heat["layout"]["coloraxis"]["colorbar"]["title"]["text"]
+    hist = figs["metric"]
+    assert hist["layout"]["xaxis"]["title"]["text"] == "val_nrmse (log scale)"
+    # A metric within one decade keeps linear axes.
+    narrow = grid_rows(lambda lr, w, s: 0.1 + lr * 10 + s / 100)
+    figs = figures(write_dashboard(narrow, tmp_path / "n.html", title="t").read_text())
+    assert figs["marginal"]["layout"]["yaxis"]["type"] == "linear"
+    assert figs["parameters"]["data"][0]["dimensions"][-1]["label"] == "val_nrmse"
+
+
+def test_dashboard_error_bars_stay_inside_the_metric_domain(tmp_path: Path) -> None:
+    # One unstable lr: seeds at 0.01, 0.02 and 0.9 give mean - std below zero.
+    def unstable(lr: float, width: int, seed: int) -> float:
+        return (0.01, 0.02, 0.9)[seed] if lr == 1e-2 else 0.3 + width / 1000
+
+    page = write_dashboard(grid_rows(unstable), tmp_path / "d.html", title="t").read_text()
+    marg = figures(page)["marginal"]
+    assert marg["layout"]["yaxis"]["type"] == "linear"  # 0.01 … 0.9 is under two decades
+    for trace in marg["data"]:
+        y = values(trace["y"])
+        low = values(trace["error_y"]["arrayminus"])
+        high = values(trace["error_y"]["array"])
+        assert all(a - b >= 0 for a, b in zip(y, low, strict=True)), trace["name"]
+        assert all(h >= b for h, b in zip(high, low, strict=True))
+    lr_trace = marg["data"][0]
+    i = values(lr_trace["x"]).index(1e-2)
+    assert values(lr_trace["error_y"]["arrayminus"])[i] == pytest.approx(values(lr_trace["y"])[i])
+    assert "clipped" in page  # the page says why a bar stops at zero
+
+
 # --------------------------------------------------------------------------- escaping
 
 
@@ -478,6 +603,35 @@ def test_dashboard_renders_in_chromium_without_js_errors(browser: _Cdp, tmp_path
     assert dom["topRows"] == 21 and dom["statusRows"] >= 5
     # Escaped text round-trips: plotly decodes the entities and shows the literal value.
     assert EVIL_SCRIPT in dom["svgText"] and EVIL_SCRIPT in dom["tableText"]
+
+
+@needs_chromium
+def test_dashboard_of_a_seeded_grid_renders_log_axes_in_chromium(
+    browser: _Cdp, tmp_path: Path
+) -> None:
+    path = write_dashboard(grid_rows(decades), tmp_path / "d.html", title="grid")
+    ready = "document.querySelectorAll('.plotly-graph-div.js-plotly-plot').length == 4"
+    _load(browser, path, ready)
+    assert browser.errors() == []
+    dom = browser.evaluate(
+        """(() => {
+        const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
+        const byTitle = t => plots.find(p => p._fullLayout.title.text.startsWith(t));
+        const marg = byTitle('marginal');
+        return {
+            margY: marg._fullLayout.yaxis.type,
+            margX: marg._fullLayout.xaxis.type,
+            errorBars: marg.querySelectorAll('.errorbars path').length,
+            svgText: plots.map(p => p.querySelector('.main-svg').textContent).join(' '),
+            parcoords: Array.from(document.querySelectorAll('.parcoords .axis-title'))
+                .map(e => e.textContent),
+        };
+    })()"""
+    )
+    assert dom["margY"] == "log" and dom["margX"] == "log"
+    assert dom["errorBars"] == 6  # three lr and three width means
+    assert "seed" not in dom["svgText"] and "epochs" not in dom["svgText"]
+    assert dom["parcoords"] == ["lr (log scale)", "width", "val_nrmse (log scale)"]
 
 
 @needs_chromium

@@ -138,7 +138,9 @@ def test_summary_by_hand(results: SweepResults) -> None:
     assert three["mean"] == pytest.approx(mean)
     assert three["std"] == pytest.approx(1.5275252316519468)
     assert three["std"] == pytest.approx(std)
-    assert three["ci_low"] == pytest.approx(mean - half, abs=1e-3)
+    # The t interval reaches below zero; a loss cannot, so it is clipped there and marked.
+    assert mean - half < 0 and three["ci_low"] == 0.0 and three["ci_clipped"] is True
+    assert describe(values)["ci_low"] == pytest.approx(mean - half, abs=1e-3)
     assert three["ci_high"] == pytest.approx(mean + half, abs=1e-3)
     assert three["ci_high"] - mean == pytest.approx(T_975_DF2 * std / math.sqrt(3), rel=1e-12)
     assert three["min"] == 1.0 and three["max"] == 4.0
@@ -153,31 +155,39 @@ def test_summary_by_hand(results: SweepResults) -> None:
 
 def test_summary_grouping_options() -> None:
     rows = [
-        run(0, 0.1, 0, 1.0, rep=0, act="relu"),
-        run(1, 0.1, 1, 3.0, rep=1, act="relu"),
-        run(2, 0.1, 2, 5.0, rep=0, act="tanh"),
-        run(3, 0.2, 3, 7.0, rep=1, act="tanh"),
-        run(4, 0.2, 4, float("nan"), status="failed", rep=0, act="gelu"),
+        run(0, 0.1, 0, 1.0, act="relu"),
+        run(1, 0.1, 1, 3.0, act="relu"),
+        run(2, 0.1, 0, 5.0, act="tanh"),
+        run(3, 0.1, 1, 7.0, act="tanh"),
+        run(4, 0.2, 0, float("nan"), status="failed", act="gelu"),
     ]
     res = SweepResults(rows)
-    # replicate="rep": seed is now a parameter like any other, so every group has one run.
-    assert all(s["n"] in (0, 1) for s in res.summary("loss", replicate="rep"))
+    # by=["act"] still groups by lr, which varies too: only the seeds are pooled.
+    assert res.grouping(["act"]) == (["param:act", "param:lr"], ["param:lr"])
     by_act = res.summary("loss", by=["act"])
-    assert [(s["param:act"], s["n"], s["mean"]) for s in by_act] == [
-        ("relu", 2, 2.0),
-        ("tanh", 2, 6.0),
-        ("gelu", 0, None),
+    assert [(s["param:act"], s["param:lr"], s["n"], s["mean"]) for s in by_act] == [
+        ("relu", 0.1, 2, 2.0),
+        ("tanh", 0.1, 2, 6.0),
+        ("gelu", 0.2, 0, None),
     ]
     assert by_act[2]["std"] is None and by_act[2]["min"] is None
-    assert [s["n"] for s in res.summary("loss", by=["param:lr", "act"])] == [2, 1, 1, 0]
-    assert res.summary("loss", by=[])[0]["n"] == 4
+    assert res.grouping(["param:lr", "act"])[1] == []
+    assert [s["n"] for s in res.summary("loss", by=["param:lr", "act"])] == [2, 2, 0]
+    assert [s["n"] for s in res.summary("loss", by=[])] == [2, 2, 0]
+    # replicate="act": act is pooled now, and seed is a group column.
+    by_seed = res.summary("loss", replicate="act")
+    assert [(s["param:lr"], s["param:seed"], s["n"]) for s in by_seed] == [
+        (0.1, 0, 2),
+        (0.1, 1, 2),
+        (0.2, 0, 0),
+    ]
     with pytest.raises(ExpflowError, match="group column 'depth'"):
         res.summary("loss", by=["depth"])
     with pytest.raises(ExpflowError, match="confidence"):
         res.summary("loss", confidence=95)
     wider = res.summary("loss", by=["act"], confidence=0.99)[0]
     narrow = by_act[0]
-    assert wider["ci_high"] - wider["ci_low"] > narrow["ci_high"] - narrow["ci_low"]
+    assert wider["ci_high"] - wider["mean"] > narrow["ci_high"] - narrow["mean"]
 
     # Chained sweeps: the same metric from two steps is summarised per step.
     chained = SweepResults(
@@ -185,10 +195,8 @@ def test_summary_grouping_options() -> None:
         + [run(2, 0.1, 1, 2.0, step="prep"), run(3, 0.1, 1, 8.0, step="train")]
     )
     got = chained.summary("loss")
-    assert [(s["step"], s["param:lr"], s["mean"]) for s in got] == [
-        ("prep", 0.1, 1.5),
-        ("train", 0.1, 8.5),
-    ]
+    assert [(s["step"], s["mean"]) for s in got] == [("prep", 1.5), ("train", 8.5)]
+    assert "param:lr" not in got[0]  # one lr throughout: not a group column
 
 
 def test_t_quantile_table_values() -> None:
@@ -210,6 +218,7 @@ def test_t_quantile_table_values() -> None:
         "std": None,
         "ci_low": None,
         "ci_high": None,
+        "ci_clipped": False,
         "min": None,
         "max": None,
     }

@@ -462,7 +462,11 @@ def sweep_results(
     summary_by: list[str] | None = typer.Option(
         None,
         "--by",
-        help="Summarise --best's metric by these params (mean, std, 95% CI across seeds).",
+        help="Statistics of --best's metric by these params (--by lr --by width, or lr,width): "
+        "mean, std, 95% CI; other varying params are added, so only the replicate is pooled.",
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="JSON for scripts: one object per line, every column kept."
     ),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write all rows to this CSV file."),
     parquet_out: Path | None = typer.Option(
@@ -476,29 +480,38 @@ def sweep_results(
     from expflow_flows.actions import sweep_folder
     from expflow_flows.sweep.results import SweepResults
 
+    by = [b.strip() for item in summary_by or [] for b in item.split(",") if b.strip()]
+    if by and not best:
+        raise ExpflowError("--by needs --best METRIC, the metric to summarise, e.g. --best loss")
     results = SweepResults.load(sweep_folder(name))
     if csv_out:
         results.to_csv(csv_out)
-        typer.echo(f"wrote {csv_out}")
+        typer.echo(f"wrote {csv_out}", err=json_out)  # stdout stays JSON with --json
     if parquet_out:
         results.to_parquet(parquet_out)
-        typer.echo(f"wrote {parquet_out}")
-    if best:
-        if summary_by:
-            for row in results.summary(best, by=list(summary_by)):
-                typer.echo(json.dumps(row, default=str))
-        else:
-            for row in results.best(best, maximize=maximize, n=n):
-                typer.echo(json.dumps(row, default=str))
+        typer.echo(f"wrote {parquet_out}", err=json_out)
+    if best and json_out:
+        note = results.grouping_note(by) if by else None
+        if note:
+            typer.echo(note, err=True)  # stdout stays JSON
+        rows = results.summary(best, by=by) if by else results.best(best, maximize, n)
+        for row in rows:
+            typer.echo(json.dumps(row, default=str))
+    elif best:
+        table = results.summary_table(best, by) if by else results.best_table(best, maximize, n)
+        table.print()
     if png:
         from expflow_flows.sweep.report import export_png
 
         shot = export_png(sweep_folder(name) / "dashboard.html", png)
         if shot is None:
             raise ExpflowError("no PNG written: no Chromium on PATH (apt-get install chromium)")
-        typer.echo(f"wrote {shot}")
+        typer.echo(f"wrote {shot}", err=json_out)
     if not (best or csv_out or parquet_out or png):
-        typer.echo(json.dumps(results.status_counts()))
+        if json_out:
+            typer.echo(json.dumps(results.status_counts()))
+        else:
+            typer.echo("\n".join(results.overview()))
 
 
 @app.command()

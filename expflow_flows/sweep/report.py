@@ -31,6 +31,7 @@ import numpy as np
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.html import render, shared_plotly_js
+from expflow_flows.sweep.results import DEFAULT_REPLICATE, metric_domain
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ _MAX_CATEGORIES = 30  # categorical params keep this many labels, the rest becom
 _MAX_FACETS = 12
 _FEW_VALUES = 5  # a third param with at most this many values facets the heatmaps
 _MAX_PANELS = 24
+_DECADES = 100.0  # positive values with max/min at least this are drawn on a log axis
+# Log axes label 1e-04 (not plotly's SI 100µ, odd for a learning rate) and only 2 and 5
+# between the powers of ten.
+_LOG_AXIS = {"exponentformat": "e", "dtick": "D2"}
 _REFRESH = re.compile(r"<meta\s+http-equiv=['\"]?refresh['\"]?[^>]*>", re.IGNORECASE)
 # A page's <script> loading the folder's plotly.js (shared_plotly_js), by its relative name.
 _SHARED_PLOTLY = re.compile(r"<script src=['\"]plotly-[^'\"/]+\.min\.js['\"]")
@@ -201,9 +206,47 @@ def _importance(axis: _Axis, y: np.ndarray) -> float:
     return float(np.sum(cnt[present] * (means - y.mean()) ** 2) / total)
 
 
-def _subset(axis: _Axis, mask: np.ndarray) -> _Axis:
-    vals = axis.values[mask] if axis.values is not None else None
-    return _Axis(axis.name, axis.labels, axis.codes[mask], vals, axis.binned)
+def _decades(values: np.ndarray | None) -> bool:
+    """Whether ``values`` are all positive and span two decades or more (a log axis then)."""
+    if values is None or not len(values) or not np.all(np.isfinite(values)):
+        return False
+    return bool(values.min() > 0 and values.max() >= _DECADES * values.min())
+
+
+def _log_ticks(values: np.ndarray) -> dict[str, list[Any]]:
+    """Ticks for log10 of the data, labelled in data units: at the powers of ten inside
+    ``values``, or at 1, 2 and 5 times them when fewer than three powers are inside."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    steps = (1,) if math.floor(hi) - math.ceil(lo) >= 2 else (1, 2, 5)
+    ticks = [
+        m * 10.0**k
+        for k in range(math.floor(lo), math.ceil(hi) + 1)
+        for m in steps
+        if lo - 1e-9 <= math.log10(m * 10.0**k) <= hi + 1e-9
+    ]
+    return {"tickvals": [math.log10(t) for t in ticks], "ticktext": [_fmt(t) for t in ticks]}
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """How the objective is drawn: log when it spans decades, and the bounds it keeps."""
+
+    name: str
+    log: bool
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def of(cls, name: str, y: np.ndarray) -> _Scale:
+        low, high = metric_domain(name)
+        return cls(name, _decades(y), low, high)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (log scale)" if self.log else self.name
+
+    def values(self, y: np.ndarray) -> np.ndarray:
+        return np.log10(y) if self.log else y
 
 
 # --------------------------------------------------------------------------- figures
@@ -221,7 +264,7 @@ def _grid(n: int, cols: int = 3) -> tuple[int, int]:
 
 
 def _heatmap(
-    a: _Axis, b: _Axis, f: _Axis | None, y: np.ndarray, objective: str, maximize: bool
+    a: _Axis, b: _Axis, f: _Axis | None, y: np.ndarray, scale: _Scale, maximize: bool
 ) -> Any:
     from plotly.subplots import make_subplots
 
@@ -242,21 +285,25 @@ def _heatmap(
         vertical_spacing=0.12 if nr > 1 else 0.0,
     )
     xs, ys = [_t(x) for x in a.labels], [_t(x) for x in b.labels]
+    objective = scale.name
     hover = (
         f"{_tpl(a.name)} = %{{x}}<br>{_tpl(b.name)} = %{{y}}<br>"
-        f"mean {_tpl(objective)} = %{{z:.4g}}<br>n = %{{customdata}}<extra></extra>"
+        f"mean {_tpl(objective)} = %{{customdata[1]:.4g}}<br>n = %{{customdata[0]}}<extra></extra>"
     )
+    shown: list[np.ndarray] = []
     for i, (_lab, sel) in enumerate(facets):
         idx = b.codes[sel] * a.n + a.codes[sel]
         cnt = np.bincount(idx, minlength=a.n * b.n)
         sums = np.bincount(idx, weights=y[sel], minlength=a.n * b.n)
         with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+            mean = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan)
+            z = scale.values(mean)  # a log scale colours by decades, the hover shows the mean
+        shown.append(z)
         fig.add_heatmap(
             x=xs,
             y=ys,
             z=z.reshape(b.n, a.n),
-            customdata=cnt.reshape(b.n, a.n),
+            customdata=np.stack([cnt.astype(float), mean], axis=-1).reshape(b.n, a.n, 2),
             coloraxis="coloraxis",
             hovertemplate=hover,
             row=i // nc + 1,
@@ -264,11 +311,14 @@ def _heatmap(
         )
     fig.update_xaxes(type="category", title_text=_t(a.name))
     fig.update_yaxes(type="category", title_text=_t(b.name))
+    colorbar: dict[str, Any] = dict(title=dict(text=_t(f"mean {scale.label}")))
+    if scale.log:
+        colorbar.update(_log_ticks(np.concatenate(shown)))
     fig.update_layout(
         coloraxis=dict(
             colorscale="Viridis",
             reversescale=not maximize,  # the better end is always the bright one
-            colorbar=dict(title=dict(text=_t(f"mean {objective}"))),
+            colorbar=colorbar,
         )
     )
     title = f"mean {objective} over {a.name} × {b.name}"
@@ -276,17 +326,17 @@ def _heatmap(
     return fig
 
 
-def _parcoords(axes: list[_Axis], y: np.ndarray, objective: str, maximize: bool) -> Any:
+def _parcoords(axes: list[_Axis], y: np.ndarray, scale: _Scale, maximize: bool) -> Any:
     import plotly.graph_objects as go
 
     dims = []
     for ax in axes:
-        if ax.values is not None:
-            vals, label = ax.values, ax.name
-            if len(vals) and vals.min() > 0 and vals.max() >= 100 * vals.min():
-                # Spans of decades (learning rates) crowd one end of a linear axis.
-                vals, label = np.log10(vals), f"log10({ax.name})"
-            dims.append(dict(label=_t(label), values=vals))
+        if ax.values is not None and _decades(ax.values):
+            # Spans of decades (learning rates) crowd one end of a linear axis.
+            logs = np.log10(ax.values)
+            dims.append(dict(label=_t(f"{ax.name} (log scale)"), values=logs, **_log_ticks(logs)))
+        elif ax.values is not None:
+            dims.append(dict(label=_t(ax.name), values=ax.values))
         else:
             dims.append(
                 dict(
@@ -297,42 +347,71 @@ def _parcoords(axes: list[_Axis], y: np.ndarray, objective: str, maximize: bool)
                     range=[-0.5, ax.n - 0.5] if ax.n == 1 else [0, ax.n - 1],
                 )
             )
-    dims.append(dict(label=_t(objective), values=y))
+    shown = scale.values(y)
+    ticks = _log_ticks(shown) if scale.log else {}
+    dims.append(dict(label=_t(scale.label), values=shown, **ticks))
     fig = go.Figure(
         go.Parcoords(
             dimensions=dims,
             line=dict(
-                color=y,
+                color=shown,
                 colorscale="Viridis",
                 reversescale=not maximize,
                 showscale=True,
-                colorbar=dict(title=dict(text=_t(objective))),
+                colorbar=dict(title=dict(text=_t(scale.label)), **ticks),
             ),
         )
     )
-    _layout(fig, f"parameters and {objective}", 520)
+    _layout(fig, f"parameters and {scale.name}", 520)
     fig.update_layout(margin=dict(l=80, r=80, t=100, b=40))
     return fig
 
 
-def _marginals(axes: list[_Axis], imps: dict[str, float], y: np.ndarray, objective: str) -> Any:
+def _marginals(
+    axes: list[_Axis], imps: dict[str, float], y: np.ndarray, scale: _Scale
+) -> tuple[Any, bool]:
+    """The objective per value of each parameter, and whether an error bar met the domain's edge.
+
+    A log-scale objective shows the geometric mean ×/÷ the geometric std (always positive);
+    otherwise the mean ± std, cut where the metric's domain ends (an error is never below 0).
+    """
     from plotly.subplots import make_subplots
 
     nr, nc = _grid(len(axes))
     titles = [_t(f"{ax.name}  (η² = {imps[ax.name]:.2f})") for ax in axes]
     fig = make_subplots(rows=nr, cols=nc, subplot_titles=titles, vertical_spacing=0.5 / nr)
+    v = scale.values(y)
+    clipped = False
     for i, ax in enumerate(axes):
+        row, col = i // nc + 1, i % nc + 1
         cnt = np.bincount(ax.codes, minlength=ax.n)
-        sums = np.bincount(ax.codes, weights=y, minlength=ax.n)
-        sq = np.bincount(ax.codes, weights=y * y, minlength=ax.n)
+        sums = np.bincount(ax.codes, weights=v, minlength=ax.n)
+        sq = np.bincount(ax.codes, weights=v * v, minlength=ax.n)
         present = cnt > 0
         mean = sums[present] / cnt[present]
         std = np.sqrt(np.maximum(sq[present] / cnt[present] - mean**2, 0.0))
-        labels = [_t(lab) for lab, p in zip(ax.labels, present, strict=True) if p]
+        if scale.log:
+            centre = 10.0**mean
+            plus, minus = 10.0 ** (mean + std) - centre, centre - 10.0 ** (mean - std)
+        else:
+            centre, plus, minus = mean, std.copy(), std.copy()
+            if scale.low is not None:
+                minus = np.minimum(minus, np.maximum(centre - scale.low, 0.0))
+            if scale.high is not None:
+                plus = np.minimum(plus, np.maximum(scale.high - centre, 0.0))
+            clipped = clipped or bool(np.any(minus < std) or np.any(plus < std))
+        numeric = ax.values is not None and not ax.binned
+        if numeric:
+            # Numbers on a numeric axis, so their spacing shows (log when they span decades).
+            x: Any = np.unique(ax.values)[present]
+            xtype = "log" if _decades(ax.values) else "linear"
+        else:
+            x = [_t(lab) for lab, p in zip(ax.labels, present, strict=True) if p]
+            xtype = "category"
         fig.add_scatter(
-            x=labels,
-            y=mean,
-            error_y=dict(type="data", array=std, visible=True),
+            x=x,
+            y=centre,
+            error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus, visible=True),
             customdata=cnt[present],
             mode="lines+markers" if ax.values is not None else "markers",
             marker_color="#1f77b4",
@@ -340,16 +419,18 @@ def _marginals(axes: list[_Axis], imps: dict[str, float], y: np.ndarray, objecti
             name=_t(ax.name),
             showlegend=False,
             hovertemplate=(
-                f"{_tpl(ax.name)} = %{{x}}<br>mean {_tpl(objective)} = %{{y:.4g}}"
+                f"{_tpl(ax.name)} = %{{x}}<br>mean {_tpl(scale.name)} = %{{y:.4g}}"
                 "<br>n = %{customdata}<extra></extra>"
             ),
-            row=i // nc + 1,
-            col=i % nc + 1,
+            row=row,
+            col=col,
         )
-    fig.update_xaxes(type="category")
-    fig.update_yaxes(title_text=_t(objective), col=1)
-    _layout(fig, f"marginal effect on {objective} (mean ± std)", 120 + 300 * nr)
-    return fig
+        fig.update_xaxes(type=xtype, **(_LOG_AXIS if xtype == "log" else {}), row=row, col=col)
+    fig.update_yaxes(type="log" if scale.log else "linear", **(_LOG_AXIS if scale.log else {}))
+    fig.update_yaxes(title_text=_t(scale.name), col=1)
+    how = "geometric mean ×/÷ geometric std" if scale.log else "mean ± std"
+    _layout(fig, f"marginal effect on {scale.name} ({how})", 120 + 300 * nr)
+    return fig, clipped
 
 
 def _histograms(metrics: list[tuple[str, np.ndarray]]) -> Any:
@@ -360,7 +441,16 @@ def _histograms(metrics: list[tuple[str, np.ndarray]]) -> Any:
         rows=nr, cols=nc, subplot_titles=[_t(m) for m, _ in metrics], vertical_spacing=0.5 / nr
     )
     for i, (name, vals) in enumerate(metrics):
-        fig.add_histogram(x=vals, name=_t(name), showlegend=False, row=i // nc + 1, col=i % nc + 1)
+        row, col = i // nc + 1, i % nc + 1
+        if _decades(vals):
+            # Bins of equal width in log10: a linear axis would squeeze all but the worst runs.
+            logs = np.log10(vals)
+            fig.add_histogram(x=logs, name=_t(name), showlegend=False, row=row, col=col)
+            fig.update_xaxes(
+                title_text=_t(f"{name} (log scale)"), **_log_ticks(logs), row=row, col=col
+            )
+        else:
+            fig.add_histogram(x=vals, name=_t(name), showlegend=False, row=row, col=col)
     _layout(fig, "metric distributions (ok and warning rows)", 120 + 260 * nr)
     return fig
 
@@ -469,10 +559,13 @@ def write_dashboard(
     maximize: bool = False,
     top_k: int = 20,
     facet: str | None = None,
+    replicate: str | None = DEFAULT_REPLICATE,
 ) -> Path:
     """Write an offline plotly HTML dashboard of a sweep's rows to ``path`` (and plotly.js beside).
 
     ``objective`` defaults to the first metric; ``facet`` names a param to split heatmaps by.
+    ``replicate`` (the seed) is pooled in every plot, never treated as a parameter; parameters
+    with one value among the plotted runs are left out.
     """
     raw_rows = list(rows)
     combos = _combine(raw_rows)
@@ -506,10 +599,14 @@ def write_dashboard(
 
     figs = _Figures()
     sections: list[dict[str, Any]] = []
-    axes_all = {p: _axis(p, [r.get(PARAM + p) for r in combos]) for p in params}
-    varied = [p for p in params if axes_all[p].n > 1]
-    axes = {p: _subset(axes_all[p], good) for p in varied}
-    imps = {p: _importance(axes[p], y) for p in varied}
+    plotted = [r for r, g in zip(combos, good, strict=True) if g]
+    # Axes of the plotted runs only: a value seen only in failed runs would be an empty row.
+    axes = {p: _axis(p, [r.get(PARAM + p) for r in plotted]) for p in params}
+    axes = {p: ax for p, ax in axes.items() if ax.n > 1}
+    pooled = replicate if replicate in axes else None
+    varied = [p for p in axes if p != pooled]
+    scale = _Scale.of(objective or "", y)
+    imps = {p: _importance(axes[p], scale.values(y)) for p in varied}
     ranked = sorted(varied, key=lambda p: -imps[p])
 
     no_data = None
@@ -534,7 +631,7 @@ def write_dashboard(
         fparam = facet
         if fparam is None and len(ranked) >= 3 and axes[ranked[2]].n <= _FEW_VALUES:
             fparam = ranked[2]
-        if fparam is not None and axes_all[fparam].n < 2:
+        if fparam is not None and fparam not in axes:
             fparam = None  # a constant facet would only repeat the plain heatmap
         pair_params = [p for p in ranked if p != fparam][:3]
         fax = axes[fparam] if fparam is not None else None
@@ -542,7 +639,7 @@ def write_dashboard(
         if len(pair_params) < 2:
             parts.append(_note(f"Only one parameter varies besides the facet {fparam}."))
         for a, b in itertools.combinations(pair_params, 2):
-            parts.append(figs.part(_heatmap(axes[a], axes[b], fax, y, obj, maximize)))
+            parts.append(figs.part(_heatmap(axes[a], axes[b], fax, y, scale, maximize)))
         if fax is not None and fax.n > _MAX_FACETS:
             parts.append(_note(f"Facets show the {_MAX_FACETS} most frequent values of {fparam}."))
     sections.append({"id": "heatmaps", "heading": "Heatmaps", "parts": parts})
@@ -553,7 +650,7 @@ def write_dashboard(
     elif not varied:
         parts = [_note("No parameter varies; there is nothing to relate the objective to.")]
     else:
-        parts = [figs.part(_parcoords([axes[p] for p in ranked[:12]], y, obj, maximize))]
+        parts = [figs.part(_parcoords([axes[p] for p in ranked[:12]], y, scale, maximize))]
     sections.append({"id": "parallel", "heading": "Parallel coordinates", "parts": parts})
 
     # Marginal effects.
@@ -562,13 +659,18 @@ def write_dashboard(
     elif not varied:
         parts = [_note("No parameter varies.")]
     else:
+        marginals, clipped = _marginals([axes[p] for p in ranked[:_MAX_PANELS]], imps, y, scale)
         parts = [
-            figs.part(_marginals([axes[p] for p in ranked[:_MAX_PANELS]], imps, y, obj)),
+            figs.part(marginals),
             _note(
-                "η² is the share of the objective's variance explained by the parameter's "
-                f"values (continuous parameters in up to {_N_BINS} quantile bins)."
+                f"η² is the share of the objective's variance{' (of its log)' if scale.log else ''} "
+                "explained by the parameter's values (continuous parameters in up to "
+                f"{_N_BINS} quantile bins)."
             ),
         ]
+        if clipped:
+            edge = "0: it cannot be negative" if scale.low == 0 else "the edge of its domain"
+            parts.append(_note(f"Error bars of {obj} are clipped at {edge}."))
     sections.append({"id": "marginals", "heading": "Marginal effects", "parts": parts})
 
     # Metric distributions.
@@ -599,6 +701,7 @@ def write_dashboard(
         objective=objective,
         maximize=maximize,
         ranked=ranked,
+        replicate=pooled,
         written=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         top=_top_data(combos, y_all, good, objective, params, metrics, maximize, top_k),
         sections=sections,

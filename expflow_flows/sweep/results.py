@@ -4,6 +4,10 @@ Each row is one run (one combination, or one step of a combination's chain),
 flattened: ``param:<name>`` and ``metric:<name>`` columns next to the run's
 key, combo_id, step, status, reason, timings, resources and run_dir. Needs
 neither pandas nor scipy; pyarrow only for :meth:`SweepResults.to_parquet`.
+
+Statistics pool only the replicate parameter (``seed`` unless the sweep's space names
+another): every other parameter that varies is a group column. Confidence intervals stay
+inside a metric's domain (errors, losses, times and counts cannot be negative).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ from expflow_flows.sweep.store import COMPLETED_STATUSES, RESULTS_FILENAME, Resu
 
 PARAM_PREFIX = "param:"
 METRIC_PREFIX = "metric:"
+# The replicate parameter when the sweep's space does not name one (``replicates.param``).
+DEFAULT_REPLICATE = "seed"
 
 # Fixed columns, before and after the param:/metric: columns (a stable order for files).
 LEAD_COLUMNS: tuple[str, ...] = ("key", "combo_id", "combo_index", "step", "status", "reason")
@@ -138,10 +146,37 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def describe(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
+Domain = tuple[float | None, float | None]
+
+# Words in a metric's name that make it an error, a loss, a time, a cost or a count, so it
+# cannot be negative. The metrics registry has no domain field; this is the rule until it has.
+_NONNEGATIVE_WORDS = frozenset(
+    {
+        *("loss", "error", "err", "errors", "mse", "rmse", "nrmse", "crmse", "brmse", "mae"),
+        *("mape", "rmsd", "fourier", "pde", "residual", "time", "seconds", "duration", "cost"),
+        *("usd", "calls", "count", "epoch", "epochs", "params", "rss", "mb", "gb", "memory"),
+        *("acc", "accuracy", "f1", "auc", "precision", "recall", "iou", "dice"),
+    }
+)
+
+
+def metric_domain(name: str) -> Domain:
+    """The (low, high) bounds ``name``'s values keep: (0, None) for errors, losses, times,
+    costs, counts and scores such as accuracy, else (None, None)."""
+    short = name.removeprefix(METRIC_PREFIX).rpartition("/")[2].lower()
+    words = set(re.split(r"[^a-z0-9]+", short))
+    if words & _NONNEGATIVE_WORDS or short.startswith("n_"):
+        return 0.0, None
+    return None, None
+
+
+def describe(
+    values: list[float], confidence: float = 0.95, domain: Domain = (None, None)
+) -> dict[str, Any]:
     """n, mean, std (sample, ddof=1), ci_low/ci_high (t interval of the mean), min, max.
 
-    With one value, std and the interval are None (undefined); with none, all are None.
+    The interval is clipped to ``domain`` (``ci_clipped`` says when it was). With one value,
+    std and the interval are None (undefined); with none, all are None.
     """
     n = len(values)
     out: dict[str, Any] = {
@@ -150,6 +185,7 @@ def describe(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
         "std": None,
         "ci_low": None,
         "ci_high": None,
+        "ci_clipped": False,
         "min": None,
         "max": None,
     }
@@ -160,7 +196,14 @@ def describe(values: list[float], confidence: float = 0.95) -> dict[str, Any]:
     if n > 1:
         std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
         half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
-        out.update(std=std, ci_low=mean - half, ci_high=mean + half)
+        low, high = mean - half, mean + half
+        lo, hi = domain
+        clipped = (lo is not None and low < lo) or (hi is not None and high > hi)
+        if lo is not None:
+            low = max(low, lo)
+        if hi is not None:
+            high = min(high, hi)
+        out.update(std=std, ci_low=low, ci_high=high, ci_clipped=clipped)
     return out
 
 
@@ -193,11 +236,94 @@ def _hashable(value: Any) -> Any:
         return json.dumps(value, sort_keys=True, default=str)
 
 
+def replicate_of(store: ResultStore) -> str:
+    """The sweep's replicate parameter: its space's ``replicates.param``, else ``seed``."""
+    meta = store.get_meta("sweep")
+    space = meta.get("space") if isinstance(meta, Mapping) else None
+    reps = space.get("replicates") if isinstance(space, Mapping) else None
+    param = reps.get("param") if isinstance(reps, Mapping) else None
+    return param if isinstance(param, str) and param else DEFAULT_REPLICATE
+
+
+def _text(value: Any, digits: int = 4) -> str:
+    """A value as a short cell: floats to ``digits`` significant digits, None as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, f".{digits}g")
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def _is_number_text(text: str) -> bool:
+    if text == "-":
+        return True  # a missing number
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def duration(seconds: Any) -> str:
+    """Seconds as a person reads them: ``0.19 s``, ``42 s``, ``1 min 12 s``, ``2 h 03 min``."""
+    if not _is_finite(seconds):
+        return "-"
+    s = float(seconds)
+    if s < 10:
+        return f"{s:.2g} s"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        m, rest = divmod(round(s), 60)
+        return f"{m} min {rest:02d} s"
+    h, rest = divmod(round(s) // 60, 60)
+    return f"{h} h {rest:02d} min"
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A table as text cells for a terminal: a title, column names, rows and notes below it."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def print(self, file: Any = None) -> None:
+        """Print with rich: folded to a terminal's width, at full width into a pipe or file."""
+        from rich.console import Console
+        from rich.measure import Measurement
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=Text(self.title))
+        for i, name in enumerate(self.columns):
+            numeric = all(_is_number_text(r[i]) for r in self.rows)
+            table.add_column(Text(name), justify="right" if numeric else "left", overflow="fold")
+        for row in self.rows:
+            table.add_row(*(Text(c) for c in row))  # Text: a value is never read as markup
+        console = Console(file=file, highlight=False)
+        if not console.is_terminal:
+            # A pipe or a log file: never wrap a row, whatever COLUMNS says.
+            wide = console.options.update_width(100_000)
+            width = Measurement.get(console, wide, table).maximum
+            console = Console(file=file, highlight=False, width=max(80, width))
+        console.print(table)
+        for note in self.notes:
+            console.print(Text(note), soft_wrap=True)
+
+
 class SweepResults:
     """The flat table of a sweep's runs; build it with :meth:`load` or from row dicts."""
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
-        """Rows as the store returns them (params/metrics dicts) or already flat (``param:lr`` ...)."""
+    def __init__(
+        self, rows: Iterable[Mapping[str, Any]] = (), *, replicate: str = DEFAULT_REPLICATE
+    ) -> None:
+        """Rows as the store returns them (params/metrics dicts) or already flat (``param:lr`` ...);
+        ``replicate`` names the parameter whose runs statistics pool (the seed)."""
+        self.replicate = replicate
         flat = [_flatten(r) for r in rows]
         seen: dict[str, None] = {}
         for r in flat:
@@ -223,7 +349,7 @@ class SweepResults:
                     f"{RESULTS_FILENAME} or the path of that file"
                 )
             store = ResultStore(p, create=False)
-        return cls(store.rows())
+        return cls(store.rows(), replicate=replicate_of(store))
 
     # --- the table ---------------------------------------------------------------------
 
@@ -259,6 +385,7 @@ class SweepResults:
 
     def _derive(self, rows: list[dict[str, Any]]) -> SweepResults:
         out = SweepResults.__new__(SweepResults)
+        out.replicate = self.replicate
         out._columns = list(self._columns)
         out._rows = rows
         return out
@@ -329,36 +456,76 @@ class SweepResults:
         ranked = sorted(usable, key=lambda r: -r[column] if maximize else r[column])
         return [dict(r) for r in ranked[:n]]
 
+    def _distinct(self, column: str) -> list[Any]:
+        """The values of ``column`` in first-seen order."""
+        seen: dict[Any, Any] = {}
+        for r in self._rows:
+            seen.setdefault(_hashable(r[column]), r[column])
+        return list(seen.values())
+
+    def varying(self) -> list[str]:
+        """Parameter columns with more than one value in the table, in column order."""
+        return [
+            c for c in self._columns if c.startswith(PARAM_PREFIX) and len(self._distinct(c)) > 1
+        ]
+
+    def grouping(
+        self, by: list[str] | str | None = None, *, replicate: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """The columns statistics group by, and those of them added to ``by``.
+
+        Only the replicate is pooled: every other varying parameter (and ``step``, when
+        there are several) is a group column, after the ``by`` columns. ``by=None`` means
+        all of them, and nothing counts as added.
+        """
+        rep = PARAM_PREFIX + (replicate or self.replicate)
+        needed = [c for c in self.varying() if c != rep]
+        if len(self._distinct("step")) > 1:
+            # Chained sweeps: the same metric name from two steps must not be pooled.
+            needed.insert(0, "step")
+        if by is None:
+            return needed, []
+        given = [self._group_column(b) for b in ([by] if isinstance(by, str) else by)]
+        given = list(dict.fromkeys(given))
+        added = [c for c in needed if c not in given]
+        return given + added, added
+
+    def grouping_note(self, by: list[str] | str | None) -> str | None:
+        """One line naming the columns :meth:`grouping` added to ``by``, or None."""
+        columns, added = self.grouping(by)
+        if not added:
+            return None
+        names = ", ".join(c.removeprefix(PARAM_PREFIX) for c in added)
+        why = "added: it varies" if len(added) == 1 else "added: they vary"
+        if PARAM_PREFIX + self.replicate in columns:
+            return f"grouped also by {names} ({why}); statistics never pool other parameters"
+        return (
+            f"grouped also by {names} ({why}); statistics pool only the replicate {self.replicate}"
+        )
+
     def summary(
         self,
         metric: str,
         by: list[str] | None = None,
         *,
-        replicate: str = "seed",
+        replicate: str | None = None,
         confidence: float = 0.95,
     ) -> list[dict[str, Any]]:
-        """Statistics of ``metric`` per group of ``by`` columns, across replicates, in first-seen order.
+        """Statistics of ``metric`` per group, pooling only the replicates (see :meth:`grouping`).
 
-        ``by`` defaults to every parameter except ``replicate`` (plus ``step`` when there
-        are several). Only ok/warning rows with a finite value count; a group with
-        none has n=0 and None statistics, and with n=1 std and the interval are None.
-        Each dict: the group's column values, ``metric``, n, mean, std, ci_low, ci_high, min, max.
+        ``by`` defaults to every varying parameter except ``replicate`` (default: the sweep's,
+        :attr:`replicate`), plus ``step`` when there are several; the groups are ordered by
+        the ``by`` columns' values as first seen. Only ok/warning rows with a finite value
+        count; a group with none has n=0 and None statistics, and with n=1 std and the
+        interval are None. The interval stays inside :func:`metric_domain`. Each dict: the
+        group's column values, ``metric``, n, mean, std, ci_low, ci_high, ci_clipped, min, max.
         """
         column = self._metric_column(metric)
         if not (isinstance(confidence, float) and 0.0 < confidence < 1.0):
             raise ExpflowError(
                 f"confidence {confidence!r} is not valid; expected a number between 0 and 1, e.g. 0.95"
             )
-        if by is None:
-            skip = PARAM_PREFIX + replicate
-            group_cols = [c for c in self._columns if c.startswith(PARAM_PREFIX) and c != skip]
-            if len({r["step"] or "" for r in self._rows}) > 1:
-                # Chained sweeps: the same metric name from two steps must not be pooled.
-                group_cols.insert(0, "step")
-        else:
-            if isinstance(by, str):
-                by = [by]
-            group_cols = [self._group_column(b) for b in by]
+        group_cols, _ = self.grouping(by, replicate=replicate)
         groups: dict[tuple[Any, ...], tuple[dict[str, Any], list[float]]] = {}
         for r in self._rows:
             ident = tuple(_hashable(r[c]) for c in group_cols)
@@ -366,11 +533,130 @@ class SweepResults:
                 groups[ident] = ({c: r[c] for c in group_cols}, [])
             if r["status"] in COMPLETED_STATUSES and _is_finite(r[column]):
                 groups[ident][1].append(float(r[column]))
+        rank = [{_hashable(v): i for i, v in enumerate(self._distinct(c))} for c in group_cols]
+        order = sorted(groups, key=lambda ident: [rk[v] for rk, v in zip(rank, ident, strict=True)])
         metric_name = column[len(METRIC_PREFIX) :]
+        domain = metric_domain(metric_name)
         return [
-            {**values, "metric": metric_name, **describe(found, confidence)}
-            for values, found in groups.values()
+            {**groups[k][0], "metric": metric_name, **describe(groups[k][1], confidence, domain)}
+            for k in order
         ]
+
+    # --- for people --------------------------------------------------------------------
+
+    def overview(self) -> list[str]:
+        """A few lines for a terminal: runs by status, the parameters, the metrics."""
+        counts = {k: v for k, v in self.status_counts().items() if v}
+        if not self._rows:
+            return ["0 runs recorded yet"]
+        lines = [f"{len(self)} runs: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
+        varying = self.varying()
+        rep = PARAM_PREFIX + self.replicate
+        swept = [
+            f"{c[len(PARAM_PREFIX) :]} ({len(self._distinct(c))} values)"
+            for c in varying
+            if c != rep
+        ]
+        if swept:
+            lines.append("parameters: " + ", ".join(swept))
+        if rep in varying:
+            lines.append(
+                f"replicate: {self.replicate} ({len(self._distinct(rep))} values, "
+                "pooled by --by statistics)"
+            )
+        fixed = self._fixed()
+        if fixed:
+            lines.append("same in every run: " + fixed)
+        lines.append("metrics: " + (", ".join(self.metrics) or "none"))
+        return lines
+
+    def _fixed(self) -> str:
+        """The parameters with one value, as ``name=value`` text."""
+        return ", ".join(
+            f"{c[len(PARAM_PREFIX) :]}={_text(self._distinct(c)[0])}"
+            for c in self._columns
+            if c.startswith(PARAM_PREFIX) and len(self._distinct(c)) == 1
+        )
+
+    def best_table(self, metric: str, maximize: bool = False, n: int = 10) -> TextTable:
+        """:meth:`best` as a table: rank, varying parameters, metrics (``metric`` first), status."""
+        rows = self.best(metric, maximize=maximize, n=n)
+        column = self._metric_column(metric)
+        name = column[len(METRIC_PREFIX) :]
+        rep = PARAM_PREFIX + self.replicate
+        params = sorted(self.varying(), key=lambda c: c == rep)  # the replicate last
+        metrics = [column] + [
+            c for c in self._columns if c.startswith(METRIC_PREFIX) and c != column
+        ]
+        steps = len(self._distinct("step")) > 1
+        usable = sum(
+            1 for r in self._rows if r["status"] in COMPLETED_STATUSES and _is_finite(r[column])
+        )
+        columns = ["rank", *(["step"] if steps else [])]
+        columns += [c[len(PARAM_PREFIX) :] for c in params]
+        columns += [c[len(METRIC_PREFIX) :] for c in metrics] + ["status", "wall"]
+        cells = []
+        for i, r in enumerate(rows, 1):
+            cells.append(
+                [str(i), *([_text(r["step"])] if steps else [])]
+                + [_text(r[c]) for c in params]
+                + [_text(r[c], digits=5) for c in metrics]
+                + [_text(r["status"]), duration(r["wall_s"])]
+            )
+        notes = [] if rows else [f"no ok or warning run has a finite {name}"]
+        fixed = self._fixed()
+        if fixed:
+            notes.append(f"same in every run: {fixed}")
+        notes.append("--json prints every column (run folders, timings) for scripts")
+        direction = "highest" if maximize else "lowest"
+        title = f"Best {len(rows)} of {usable} ok/warning runs by {name} ({direction} first)"
+        return TextTable(title, columns, cells, notes)
+
+    def summary_table(
+        self, metric: str, by: list[str] | None = None, *, confidence: float = 0.95
+    ) -> TextTable:
+        """:meth:`summary` as a table, with notes on what was added to ``by`` and pooled."""
+        stats = self.summary(metric, by, confidence=confidence)
+        group_cols, _ = self.grouping(by)
+        name = self._metric_column(metric)[len(METRIC_PREFIX) :]
+        ci_name = f"{confidence:.0%} CI"
+        columns = [c.removeprefix(PARAM_PREFIX) for c in group_cols]
+        columns += ["n", "mean", "std", ci_name, "min", "max"]
+        low, high = metric_domain(name)
+        cells = []
+        for s in stats:
+            if s["ci_low"] is None:
+                ci = "none (n<2)" if s["n"] else "no ok runs"
+            else:
+                ci = f"[{_text(s['ci_low'])}, {_text(s['ci_high'])}]" + (
+                    "*" if s["ci_clipped"] else ""
+                )
+            cells.append(
+                [_text(s[c]) for c in group_cols]
+                + [str(s["n"])]
+                + [_text(s[k]) for k in ("mean", "std")]
+                + [ci]
+                + [_text(s[k]) for k in ("min", "max")]
+            )
+        rep = PARAM_PREFIX + self.replicate
+        note = self.grouping_note(by)
+        notes = [note] if note else []
+        if rep in group_cols:
+            notes.append(f"{self.replicate} is a group column here, so no replicates are pooled")
+        elif rep in self._columns:
+            notes.append(f"n counts the {self.replicate} replicates with an ok/warning {name}")
+        else:
+            notes.append(
+                f"no replicate parameter {self.replicate!r} in these results: each group is one run"
+            )
+        if any(s["ci_clipped"] for s in stats):
+            bound = "cannot be negative" if (low, high) == (0.0, None) else f"stays in {low}…{high}"
+            notes.append(f"* interval clipped to the domain: {name} {bound}")
+        if any(s["ci_low"] is None and s["n"] == 1 for s in stats):
+            notes.append("n<2: one run gives a mean but no interval")
+        groups = ", ".join(columns[: len(group_cols)]) or "all runs"
+        title = f"{name} by {groups}: mean over {self.replicate} replicates, {ci_name} (t)"
+        return TextTable(title, columns, cells, notes)
 
     # --- export ------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ from typing import Any
 from expflow_flows.errors import ExpflowError
 from expflow_flows.settings.sweep import SweepSettings
 from expflow_flows.sweep.report import write_dashboard
-from expflow_flows.sweep.results import SweepResults
+from expflow_flows.sweep.results import DEFAULT_REPLICATE, SweepResults, replicate_of
+from expflow_flows.sweep.store import RESULTS_FILENAME, ResultStore
 
 MAX_CHUNKS = 50
 MIN_CHUNK = 200
@@ -44,12 +45,17 @@ def summarize(
     if write:
         results.to_csv(csv_path)
         results.to_parquet(parquet_path)
+        store = sweep_dir / RESULTS_FILENAME
         write_dashboard(
             final.rows,
             dashboard,
             title=f"Sweep {settings.name}",
             objective=objective,
             maximize=settings.maximize,
+            # The space's replicates.param, which the flow stored before any run.
+            replicate=replicate_of(ResultStore(store, create=False))
+            if store.exists()
+            else DEFAULT_REPLICATE,
         )
     best = (
         final.best(objective, maximize=settings.maximize, n=5)
