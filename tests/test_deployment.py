@@ -472,6 +472,7 @@ PIPELINE_ROWS: list[tuple[str, object, dict]] = [
     ("submit.name", "entry-7", {}),
     ("submit.predictions", "predictions.h5", {}),
     ("submit.convert", "team.convert:to_pred_hdf5", {}),
+    ("submit.approval_timeout", 3600.0, {}),
     ("offpeak.windows", ["20:00-06:00"], {}),
     ("offpeak.timezone", "Europe/Berlin", {}),
     ("offpeak.weekends", False, {}),

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 
 from expflow_flows.bundles import submission
 from expflow_flows.errors import ExpflowError, GateFailed, JobEnding
+from expflow_flows.flows import approval
 from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import deferred_state, hold_for_offpeak
@@ -315,15 +316,22 @@ def preflight(settings: PipelineSettings, force: bool) -> list[Any]:
     check_tracking(settings.tracking.enabled())
     SearchSpace.load(settings.space)
     gates = gates_mod.parse_gates(settings.gates)
-    if (
-        settings.submit.enabled
-        and not force
-        and pin.pin_status().get("set")
-        and not os.environ.get("EXPFLOW_PIN")
-    ):
-        raise ExpflowError(
+    guarded = settings.submit.enabled and pin.pin_status().get("set")
+    if guarded and approval.in_deployment():
+        # A deployment run asks for approval in the UI when it gets to the submission;
+        # its `force` box would let any UI user skip the PIN, so it counts for nothing.
+        if force:
+            get_run_logger().warning(
+                "force is ignored in a deployment run: the submission waits for approval "
+                f"(administrators can set the Prefect Variable {approval.SKIP_VARIABLE})"
+            )
+        return gates
+    if guarded and not force and not os.environ.get("EXPFLOW_PIN"):
+        raise pin.refuse(
+            "submit",
+            settings.submit.to or str(submissions_dir()),
             "submitting is PIN-guarded and no PIN was given: set EXPFLOW_PIN, pass --pin, "
-            "or run with force (logged), or submit.enabled=false"
+            "or run with force (logged), or submit.enabled=false",
         )
     return gates
 
@@ -361,6 +369,8 @@ def pipeline(
 
 def _pipeline(settings: PipelineSettings, force: bool) -> dict[str, Any]:
     gate_list = preflight(settings, force)
+    if approval.in_deployment():
+        force = False  # see preflight: approval, not a box any UI user can tick
     # Before any work: a tracking tool asked for but not installed is one clear line.
     tracking = Tracking.from_settings(settings.tracking.enabled())
     run_dir = RunDir.create(runs_root() / settings.experiment / new_run_id("pipeline"))
@@ -574,9 +584,12 @@ def submit_task(
     params: dict,
     info: dict,
     force: bool,
+    approved: bool = False,
 ) -> str:
-    """Write the submission bundle; irreversible, so PIN-guarded once a PIN is set."""
-    pin.guard("submit", target=f"{dest}/{name}", force=force)
+    """Write the submission bundle; irreversible, so PIN-guarded once a PIN is set
+    (``approved``: the flow run was approved in the UI, which the audit log holds)."""
+    if not approved:
+        pin.guard("submit", target=f"{dest}/{name}", force=force)
     path = submission.write_bundle(
         Path(dest),
         name,
@@ -612,6 +625,16 @@ def submit_bundle(
         "eval_run": str(evaluated.run_dir),
     }
     dest = settings.submit.to or str(submissions_dir())
+    approved = False
+    if approval.in_deployment():
+        # No PIN can be typed into a deployment run: it pauses for approval in the UI.
+        approval.approve(
+            "submit",
+            f"{dest}/{name}",
+            timeout_s=settings.submit.approval_timeout,
+            log=get_run_logger().warning,
+        )
+        approved = True
     return Path(
         submit_task(
             dest,
@@ -620,7 +643,8 @@ def submit_bundle(
             evaluated.metrics,
             best_params,
             info,
-            force,
+            force and not approved,
+            approved,
         )
     )
 

@@ -714,6 +714,17 @@ def _refuse(action: str, target: str, message: str, clock: Callable[[], float]) 
 # --- public API -------------------------------------------------------------------
 
 
+def refuse(action: str, target: str, message: str) -> GuardRefused:
+    """Audit a refusal decided outside :func:`guard` (no approval came, a PIN was
+    missing up front); returns the error to raise."""
+    return _refuse(action, target, message, time.time)
+
+
+def record_forced(action: str, target: str, reason: str) -> None:
+    """Audit an act that skipped the PIN by a setting only administrators hold."""
+    _record(action, target, "forced", reason, time.time)
+
+
 def pin_status(clock: Callable[[], float] = time.time) -> dict[str, Any]:
     """Whether a PIN is set, from where, and the lockout state; never the hash."""
     status: dict[str, Any] = {

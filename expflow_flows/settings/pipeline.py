@@ -192,6 +192,11 @@ class SubmitSettings(Settings):
         description="A function 'package.module:function(src, dest)' that converts the "
         "predictions file into pred.hdf5 before it is submitted.",
     )
+    approval_timeout: PositiveSeconds = Field(
+        86400.0,
+        description="Seconds a deployment run waits at the submission for approval in the "
+        "UI (when a PIN is set); after that nothing is submitted and the run says so.",
+    )
 
 
 class PipelineSettings(Settings):
