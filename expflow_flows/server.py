@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from expflow_flows.errors import ExpflowError
 from expflow_flows.home import expflow_home
@@ -263,3 +264,61 @@ def stop_reports(port: int) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     return pid > 0
+
+
+GATE_AUTOMATION = "expflow: pause a deployment whose gate failed"
+NOTIFY_BLOCK_ENV = "EXPFLOW_NOTIFY_BLOCK"  # a notification block's name, e.g. slack-webhook/team
+
+
+def ensure_gate_automation() -> str:
+    """The automation that pauses a deployment after one of its runs failed a gate (and
+    posts a notification when ``$EXPFLOW_NOTIFY_BLOCK`` names a block); returns its id."""
+    from prefect.automations import Automation
+    from prefect.events.actions import PauseDeployment, SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    from expflow_flows.flows.events import GATE_FAILED
+
+    try:
+        existing = Automation.read(name=GATE_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is not None:
+        return str(existing.id)
+    actions: list = [PauseDeployment(source="inferred")]
+    block = os.environ.get(NOTIFY_BLOCK_ENV)
+    if block:
+        actions.append(
+            SendNotification(
+                block_document_id=_block_id(block),
+                subject="expflow: a gate failed; its deployment is paused",
+                body="{{ event.resource.name }}: {{ event.payload.message }}",
+            )
+        )
+    automation = Automation(
+        name=GATE_AUTOMATION,
+        description="expflow-flows: a deployment whose run failed a metric gate is paused "
+        "until someone looks (resume it in the UI).",
+        trigger=EventTrigger(
+            expect={GATE_FAILED},
+            match_related=ResourceSpecification({"prefect.resource.role": "deployment"}),
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=actions,
+    )
+    return str(automation.create().id)
+
+
+def _block_id(name: str) -> Any:
+    """A block document's id from its 'type-slug/name'."""
+    from prefect.blocks.core import Block
+
+    try:
+        return Block.load(name)._block_document_id
+    except Exception as exc:  # noqa: BLE001 - any lookup error is the user's name
+        raise ExpflowError(
+            f"{NOTIFY_BLOCK_ENV}={name!r}: no such block ({exc}); expected 'type-slug/name' "
+            "such as 'slack-webhook/team'"
+        ) from None

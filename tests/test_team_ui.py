@@ -59,3 +59,58 @@ def test_the_server_also_serves_the_homes_reports_read_only(own_port_server):
         assert resp.status == 200 and b"expflow reports" in resp.read()
     recorded = own_port_server["root"] / "expflow" / "server" / "reports-server.json"
     assert json.loads(recorded.read_text())["url"] == f"http://127.0.0.1:{port + 1}"
+
+
+GATE_SCRIPT = """
+import json, sys
+from prefect import flow
+from prefect.events import emit_event
+from expflow_flows.flows.events import GATE_FAILED, metric_resource
+from expflow_flows.server import ensure_gate_automation
+
+@flow
+def nightly():
+    pass
+
+automation = ensure_gate_automation()
+deployment_id = str(nightly.to_deployment(name="nightly-gate").apply())
+emit_event(
+    event=GATE_FAILED,
+    resource={"prefect.resource.id": "expflow.experiment.nightly", "prefect.resource.name": "nightly"},
+    related=[
+        {"prefect.resource.id": f"prefect.deployment.{deployment_id}", "prefect.resource.role": "deployment"},
+        metric_resource("nrmse", 0.12, "lt", 0.05),
+    ],
+    payload={"message": "nrmse 0.12 is not lt 0.05"},
+)
+print(json.dumps({"automation": automation, "deployment": deployment_id}))
+"""
+
+
+def test_a_failed_gate_pauses_its_deployment_through_the_automation(own_port_server, tmp_path):
+    """The event a failed gate emits, and the automation `make deploy` installs, on a real
+    server: the deployment whose run failed its gate ends up paused."""
+    import time
+
+    port = own_port_server["port"]
+    api = f"http://127.0.0.1:{port}/api"
+    script = tmp_path / "gate_event.py"
+    script.write_text(GATE_SCRIPT)
+    env = {**own_port_server["env"], "PREFECT_API_URL": api}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids = json.loads(out.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 90
+    paused = False
+    while time.monotonic() < deadline and not paused:
+        with urllib.request.urlopen(f"{api}/deployments/{ids['deployment']}", timeout=10) as r:
+            paused = json.load(r)["paused"]
+        time.sleep(1)
+    assert paused, "the deployment was not paused after its gate failed"

@@ -61,9 +61,12 @@ def server_status(port: int = typer.Option(4200, help="Loopback port.")) -> None
 
 @server_app.command("automations")
 def server_automations() -> None:
-    """Create the automation that marks a flow run Crashed once its heartbeat stops (its
-    process was killed or its node went down), on the Prefect API in PREFECT_API_URL."""
+    """Create the automations: one marks a flow run Crashed once its heartbeat stops (its
+    process was killed or its node went down), one pauses a deployment whose run failed
+    a gate (and notifies, with EXPFLOW_NOTIFY_BLOCK); on the API in PREFECT_API_URL."""
     from expflow_flows import server
 
     automation_id = server.ensure_zombie_automation()
     typer.echo(f"automation {server.ZOMBIE_AUTOMATION!r}: {automation_id}")
+    gate_id = server.ensure_gate_automation()
+    typer.echo(f"automation {server.GATE_AUTOMATION!r}: {gate_id}")

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from expflow_flows.errors import ExpflowError
+from expflow_flows.flows import events
 from expflow_flows.governance import audit
 from expflow_flows.governance.ledger import Ledger
 from expflow_flows.home import expflow_home
@@ -85,6 +86,18 @@ def audit_flow(
         description=f"{len(reports)} experiments audited; report {page}",
     )
     failed = [r.subject for r in reports if not r.passed]
+    for report in reports:
+        if not report.passed:
+            events.emit(
+                events.AUDIT_FAILED,
+                report.subject,
+                [
+                    events.metric_resource(c.name, c.observed, "rule", c.rule)
+                    for c in report.checks
+                    if c.outcome == audit.FAIL
+                ],
+                {"message": f"{report.subject} failed the audit"},
+            )
     create_markdown_artifact(
         key="audit-summary",
         markdown=f"# Audit\n\n{len(reports)} audited, {len(failed)} failed.\n\n"
