@@ -98,37 +98,12 @@ def _ensure_server(port: int, use_server: bool) -> str | None:
     return url
 
 
-def _progress_display():
-    """A rich live display of HPO trials, fed by :mod:`expflow_flows.hpo.progress`."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress_display(kind: str = "hpo") -> tuple[Any, Any]:
+    """A live display of HPO trials, or with ``kind="sweep"`` of sweep combinations, and the
+    function that unsubscribes it (see :mod:`expflow_flows.cli.progress`)."""
+    from expflow_flows.cli import progress
 
-    from expflow_flows.hpo import progress as prog
-
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("[bold]HPO[/bold] {task.fields[study]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-        console=console,
-        redirect_stderr=True,
-        redirect_stdout=True,
-        disable=not console.is_terminal,
-    )
-    ids: dict[str, Any] = {}
-
-    def on_update(p: prog.TrialProgress) -> None:
-        detail = (
-            f"{p.running} running · {p.complete} done · {p.pruned} pruned · {p.failed} failed"
-            + (f" · best {p.best_value:.4g}" if p.best_value is not None else "")
-        )
-        if p.study not in ids:
-            ids[p.study] = bar.add_task("", total=p.target, study=p.study, detail=detail)
-        bar.update(ids[p.study], completed=p.finished, detail=detail)
-
-    return bar, prog.subscribe(on_update)
+    return progress.sweep_display() if kind == "sweep" else progress.hpo_display()
 
 
 def _run_pipeline(
@@ -414,9 +389,15 @@ def sweep_run(
     # Bad settings, space or trainable, a missing tracking SDK: one line, before
     # anything starts.
     preflight(load_sweep_settings(config, overrides))
+    display, unsubscribe = _progress_display("sweep")
     api = _ensure_server(port, server)
-
-    summary = sweep(config=str(config) if config else None, settings=hand_over(overrides) or None)
+    try:
+        with display:  # a bar on a terminal, a line every few seconds elsewhere
+            summary = sweep(
+                config=str(config) if config else None, settings=hand_over(overrides) or None
+            )
+    finally:
+        unsubscribe()
     if json_out:
         typer.echo(json.dumps(summary, indent=2, default=str))
         return

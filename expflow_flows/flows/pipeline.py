@@ -26,11 +26,12 @@ from prefect.runtime import flow_run
 
 from expflow_flows.bundles import submission
 from expflow_flows.errors import ExpflowError, GateFailed, JobEnding
-from expflow_flows.flows import approval
+from expflow_flows.flows import approval, events
 from expflow_flows.flows.clusters import task_runner
 from expflow_flows.flows.ledger_hooks import describe_pipeline, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import deferred_state, hold_for_offpeak
 from expflow_flows.flows.outcomes import failed_outcome, stop_file
+from expflow_flows.flows.progress import trial_progress
 from expflow_flows.governance import pin
 from expflow_flows.home import runs_root, submissions_dir
 from expflow_flows.hpo import loop
@@ -40,6 +41,7 @@ from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import active as active_tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
 from expflow_flows.metrics import gates as gates_mod
+from expflow_flows.reports_server import report_link
 from expflow_flows.runs import llm_calls, slurmjob
 from expflow_flows.runs import trainable as trainable_mod
 from expflow_flows.runs.metadata import capture_environment
@@ -418,9 +420,11 @@ def _stages(
         update={"tracking": TrackingSettings(), "params": masked_params}
     )
     try:
-        study = hpo_flow.with_options(task_runner=task_runner(settings.cluster))(
-            hpo_settings, str(experiment_dir), str(run_dir.path), secrets_ref
-        )
+        # Its trials and best value so far show on this run too, not only on the nested one.
+        with trial_progress(experiment, settings.study_name, settings.primary):
+            study = hpo_flow.with_options(task_runner=task_runner(settings.cluster))(
+                hpo_settings, str(experiment_dir), str(run_dir.path), secrets_ref
+            )
     finally:
         # The HPO stage's threads are gone once its flow returned or raised: a stop it
         # asked for must not reach later callables of this process.
@@ -570,6 +574,12 @@ def _stages(
     tracking.run_finished("gate-failed" if failed else "ok", metrics, artifacts, message)
     summary["tracking_warnings"] = list(tracking.warnings)
     if failed:
+        events.emit(
+            events.GATE_FAILED,
+            settings.experiment,
+            [events.metric_resource(r.metric, r.value, r.op, r.threshold) for r in failed],
+            {"message": message, "run_dir": str(run_dir.path)},
+        )
         raise GateFailed(message + " (nothing was submitted)")
     run_dir.write_status("ok")
     return summary
@@ -687,7 +697,7 @@ def _outputs_markdown(summary: dict[str, Any]) -> str:
             "",
             f"- Gates: {gates or 'none'}",
             f"- Submission bundle: `{bundle}`",
-            f"- HPO report (plotly HTML): [{summary['report']}](file://{summary['report']})",
+            f"- HPO report (plotly HTML): [{summary['report']}]({report_link(summary['report'])})",
             f"- Pipeline run folder: `{summary['run_dir']}`",
             f"- Final training run: `{summary['train_run']}`",
             f"- Evaluation run: `{summary['eval_run']}`",

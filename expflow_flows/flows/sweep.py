@@ -8,7 +8,9 @@ written to the sweep's results store at once, so a re-run (after a crash, a
 (:mod:`expflow_flows.sweep.plan`). Its parameters are a YAML ``config`` file and typed
 ``settings`` over it (:class:`~expflow_flows.settings.sweep.SweepSettings`, all fields
 optional). Reports (status page, dashboard) and exports are files in the sweep folder,
-linked from artifacts.
+linked from artifacts. While it runs, the status page reloads itself and a progress
+artifact moves as each combination finishes, its description counting ok, warning and
+failed combinations with an ETA (:mod:`expflow_flows.flows.progress`).
 """
 
 from __future__ import annotations
@@ -19,24 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from expflow_flows.errors import JobEnding
+from expflow_flows.flows import events
 from expflow_flows.flows.clusters import dask_client
 from expflow_flows.flows.ledger_hooks import describe_sweep, hooks_for, record_outputs
 from expflow_flows.flows.offpeak import deferred_state, hold_for_offpeak
 from expflow_flows.flows.outcomes import failed_outcome, stop_file
+from expflow_flows.flows.progress import LiveProgress
 from expflow_flows.home import runs_root
 from expflow_flows.integrations.tracking import RunContext, StepRecord, Tracking
 from expflow_flows.integrations.tracking import check_settings as check_tracking
+from expflow_flows.reports_server import report_link
 from expflow_flows.runs import slurmjob
 from expflow_flows.runs.metadata import capture_environment
 from expflow_flows.runs.trainable import checkpoint_requested
@@ -48,7 +48,7 @@ from expflow_flows.sweep.plan import input_checksums, plan_combinations
 from expflow_flows.sweep.report import write_status_page
 from expflow_flows.sweep.results import SweepResults
 from expflow_flows.sweep.space import SweepSpace
-from expflow_flows.sweep.status import StatusWriter, current_results
+from expflow_flows.sweep.status import ProgressTally, StatusWriter, current_results
 from expflow_flows.sweep.store import ResultStore
 from expflow_flows.sweep.summary import (
     check_failures,
@@ -200,7 +200,7 @@ def _run_sweep(
     )
     status_path = sweep_dir / "status.html"
     if pending:
-        _fan_out(settings, chunks(settings, pending), store, current, status_path, total)
+        _fan_out(settings, pending, store, current, status_path, total)
     previous = None if pending else unchanged_summary(store, current, sweep_dir)
     if previous:
         # Nothing ran and the space is the one last reported: its summary still holds.
@@ -220,38 +220,56 @@ def _run_sweep(
 
 def _fan_out(
     settings: SweepSettings,
-    parts: list[list[dict[str, Any]]],
+    pending: list[dict[str, Any]],
     store: ResultStore,
     current: set[str],
     status_path: Path,
     total: int,
 ) -> None:
-    """Run the pending chunks as Prefect tasks on one Dask client, the status page live."""
+    """Run the pending combinations in chunks, as Prefect tasks on one Dask client; the
+    status page live and the progress artifact moving as each combination finishes."""
     resources = settings.resources.dask()
     stopper = stop_file()
-    with dask_client(settings.cluster, resources) as client:
-        runner = ChunkRunner(
-            client,
-            store,
-            retries=settings.retries,
-            resources=resources,
-            stop_file=str(stopper),
-            devices=settings.cluster.device_request(settings.resources.gpu),
-        )
-        progress_id = create_progress_artifact(
-            progress=0.0,
-            key=_key(settings.name, "progress"),
-            description=f"Sweep {settings.name}: chunks done",
-        )
-        with StatusWriter(
-            store, current, status_path, f"Sweep {settings.name}", total, settings.status_every_s
+    title = f"Sweep {settings.name}"
+    live = LiveProgress(_key(settings.name, "progress"), f"{title}: {len(pending)} to run")
+    try:
+        # The live page first: from now on it reloads, even while the cluster starts.
+        with (
+            StatusWriter(
+                store,
+                current,
+                status_path,
+                title,
+                total,
+                settings.status_every_s,
+                rerun=[plan["combo_id"] for plan in pending],
+            ),
+            dask_client(settings.cluster, resources) as client,
         ):
+            tally = ProgressTally(
+                store,
+                settings.name,
+                pending,
+                settings.chain()[-1].name,
+                cached=total - len(pending),
+                on_update=lambda p: live.show(p.percent, p.line()),
+            )
+            runner = ChunkRunner(
+                client,
+                tally,  # records each row in the store and counts the combinations
+                retries=settings.retries,
+                resources=resources,
+                stop_file=str(stopper),
+                devices=settings.cluster.device_request(settings.resources.gpu),
+            )
+            parts = chunks(settings, pending)
             futures = [run_chunk.submit(i, part, runner) for i, part in enumerate(parts)]
-            for done, future in enumerate(futures, 1):
+            for future in futures:
                 future.wait()
-                update_progress_artifact(progress_id, 100.0 * done / len(futures))
             for future in futures:
                 future.result()
+    finally:
+        live.close()
     why = checkpoint_requested()
     if why is None and stopper.exists():
         why = stopper.read_text(encoding="utf-8").strip() or "its job ends soon"
@@ -280,13 +298,13 @@ def _finish(
     dashboard = summary["dashboard"]
     create_link_artifact(
         key=_key(settings.name, "dashboard"),
-        link=f"file://{dashboard}",
+        link=report_link(dashboard),
         link_text=f"Sweep {settings.name}: dashboard",
         description="plotly dashboard (open the file in a browser)",
     )
     create_link_artifact(
         key=_key(settings.name, "status"),
-        link=f"file://{summary['status_page']}",
+        link=report_link(summary["status_page"]),
         link_text=f"Sweep {settings.name}: status page",
     )
     create_markdown_artifact(
@@ -300,7 +318,26 @@ def _finish(
         metrics={"combinations": float(total), "failed": float(summary["counts"].get("failed", 0))},
         run_dir=str(sweep_dir),
     )
-    check_failures(settings, summary)
+    try:
+        check_failures(settings, summary)
+    except Exception as exc:
+        counts = summary["counts"]
+        finished = sum(counts.values())
+        failed = counts.get("failed", 0)
+        events.emit(
+            events.SWEEP_FAILURES,
+            settings.name,
+            [
+                events.metric_resource(
+                    "failure_ratio",
+                    failed / finished if finished else 0.0,
+                    "le",
+                    settings.max_failure_ratio if settings.max_failure_ratio is not None else 1.0,
+                )
+            ],
+            {"message": str(exc), "failed": failed, "finished": finished},
+        )
+        raise
     get_run_logger().info(
         "sweep %s done: %s; dashboard %s",
         settings.name,

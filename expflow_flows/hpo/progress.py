@@ -1,7 +1,8 @@
 """Progress events from long stages (HPO trials), for whoever shows them.
 
-Flows publish; a terminal front end (the CLI) subscribes and draws a live display.
-With no subscriber, publishing costs nothing.
+The HPO loop publishes; the CLI subscribes and draws a live display, and the pipeline
+flow puts the counts on its own run (:mod:`expflow_flows.flows.progress`). With no
+subscriber, publishing costs nothing.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ class TrialProgress:
     def finished(self) -> int:
         return self.complete + self.pruned + self.failed
 
-    def line(self) -> str:
-        """One log line, e.g. ``trials 5/12: 3 complete, 1 pruned, 1 failed, 2 running``."""
-        best = f", best {self.best_value:.4g}" if self.best_value is not None else ""
+    def counts(self) -> str:
+        """The counts, e.g. ``trials 5/12: 3 complete, 1 pruned, 1 failed, 2 running``."""
         return (
             f"trials {self.finished}/{self.target}: {self.complete} complete, "
-            f"{self.pruned} pruned, {self.failed} failed, {self.running} running{best}"
+            f"{self.pruned} pruned, {self.failed} failed, {self.running} running"
         )
+
+    def line(self) -> str:
+        """One log line: the counts and the best value so far, e.g. ``…, 2 running, best 0.1``."""
+        best = f", best {self.best_value:.4g}" if self.best_value is not None else ""
+        return self.counts() + best
 
 
 def subscribe(listener: Listener) -> Callable[[], None]:
