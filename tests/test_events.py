@@ -62,3 +62,21 @@ def test_a_sweep_above_its_failure_ratio_emits_an_event(prefect_harness, home):
     assert found and found[0]["resource"]["prefect.resource.name"] == "mostly-failing"
     metric = next(r for r in found[0]["related"] if r["prefect.resource.role"] == "metric")
     assert metric["prefect.resource.name"] == "failure_ratio" and metric["expflow.value"] == "1"
+
+
+def test_a_sweep_whose_every_combination_failed_says_so(prefect_harness, home):
+    """Before: with an objective set, it ended 'objective 'loss' is not a metric of this
+    sweep; metrics: none', which hides that nothing ran successfully."""
+    from expflow_flows.flows.sweep import sweep
+
+    state = sweep(
+        settings={
+            "name": "all-failing",
+            "trainable": "sample_trainables:raises",
+            "space": {"grid": {"x": [1, 2]}},
+            "objective": "loss",
+        },
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "all 2 combinations of sweep 'all-failing' failed" in state.message, state.message

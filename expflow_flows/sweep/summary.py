@@ -40,7 +40,9 @@ def summarize(
     csv_path = sweep_dir / "results.csv"
     parquet_path = sweep_dir / "results.parquet"
     metrics = sorted({c.removeprefix("metric:") for c in final.columns if c.startswith("metric:")})
-    objective = settings.objective or (metrics[0] if metrics else None)
+    # No metric recorded (every run failed): no objective to plot, and check_failures
+    # says what happened instead of naming a missing metric.
+    objective = (settings.objective or metrics[0]) if metrics else None
     dashboard = sweep_dir / "dashboard.html"
     if write:
         results.to_csv(csv_path)
