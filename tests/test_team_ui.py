@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_deployment import free_port
+from test_sweep_report import needs_chromium
 
 EXPFLOW = str(Path(sys.executable).with_name("expflow"))
 
@@ -114,3 +115,109 @@ def test_a_failed_gate_pauses_its_deployment_through_the_automation(own_port_ser
             paused = json.load(r)["paused"]
         time.sleep(1)
     assert paused, "the deployment was not paused after its gate failed"
+
+
+PAUSE_SCRIPT = """
+from prefect import flow
+import prefect.runtime.deployment as deployment
+deployment.get_id = lambda: "ui-test"  # as a deployment's run
+from expflow_flows.flows import approval
+from expflow_flows.governance import pin
+pin.init_pin("24681357")
+
+@flow(name="approval-ui")
+def submit_like():
+    approval.approve("submit", "/data/submissions/entry", timeout_s=300, log=print)
+    return "submitted"
+
+submit_like()
+print("SUBMITTED")
+"""
+
+
+def _api(port: int, method: str, path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=20) as resp:
+        text = resp.read()
+        return json.loads(text) if text else None
+
+
+@needs_chromium
+def test_the_approval_form_in_the_ui_asks_for_approval_and_the_pin(own_port_server, tmp_path):
+    """A deployment run with a PIN set pauses at the submission; the Prefect UI (on its
+    own port) shows the Resume form with the approval box and the PIN field."""
+    import base64
+    import time
+
+    from test_sweep_report import _Cdp
+
+    port = own_port_server["port"]
+    script = tmp_path / "pause.py"
+    script.write_text(PAUSE_SCRIPT)
+    env = {**own_port_server["env"], "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env.pop("EXPFLOW_PIN", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        paused = []
+        while not paused and time.monotonic() < deadline:
+            paused = _api(
+                port,
+                "POST",
+                "/flow_runs/filter",
+                {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}},
+            )
+            time.sleep(1)
+        assert paused, "the run never paused for approval"
+        run_id = paused[0]["id"]
+        cdp = _Cdp(timeout_s=150)
+        try:
+            cdp.call(
+                "Page.navigate",
+                {"url": f"http://127.0.0.1:{port}/runs/flow-run/{run_id}"},
+                session=True,
+            )
+            click = (
+                "(() => { const b = Array.from(document.querySelectorAll('button'))"
+                ".find(b => /Resume/.test(b.innerText)); if (b) { b.click(); return true; }"
+                " return false; })()"
+            )
+            while not cdp.evaluate(click):
+                assert time.monotonic() < cdp.deadline, "no Resume button in the UI"
+                time.sleep(0.5)
+            form = "document.body.innerText"
+            while "PIN" not in (cdp.evaluate(form) or ""):
+                assert time.monotonic() < cdp.deadline, "the Resume form has no PIN field"
+                time.sleep(0.5)
+            text = cdp.evaluate(form)
+            assert "Approve the act named in the run's logs." in text
+            shot = cdp.call("Page.captureScreenshot", {"format": "png"}, session=True)["data"]
+            shots = Path(os.environ.get("EXPFLOW_TEST_SHOTS") or tmp_path / "shots")
+            shots.mkdir(parents=True, exist_ok=True)
+            (shots / "approval-form.png").write_bytes(base64.b64decode(shot))
+        finally:
+            cdp.close()
+        _api(
+            port,
+            "POST",
+            f"/flow_runs/{run_id}/resume",
+            {"run_input": {"approve": True, "pin": "24681357"}},
+        )
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "SUBMITTED" in out, out[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

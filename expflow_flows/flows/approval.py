@@ -32,8 +32,10 @@ POLL_S = 2
 class Approval(RunInput):
     """The Resume form of a run waiting for approval."""
 
-    approve: bool = Field(False, description="Approve the act named in the run's logs.")
-    pin: SecretStr = Field(SecretStr(""), description="Your expflow PIN.")
+    approve: bool = Field(
+        False, title="Approve", description="Approve the act named in the run's logs."
+    )
+    pin: SecretStr = Field(SecretStr(""), title="PIN", description="Your expflow PIN.")
 
 
 def in_deployment() -> bool:
