@@ -112,9 +112,11 @@ def test_secret_params_reach_the_trainable_and_nothing_else(prefect_harness, hom
     )
     assert ran.exit_code == 0, ran.output
     assert "ok 2" in ran.output and not _leaks(ran.output.encode())
-    cli = CliRunner().invoke(app, ["sweep", "results", "secret-sweep", "--best", "loss"])
-    assert cli.exit_code == 0 and '"param:api_key": "***"' in cli.output, cli.output
-    assert not _leaks(cli.output.encode())
+    for args in (["--json"], []):  # for scripts, and the table a person reads
+        cli = CliRunner().invoke(app, ["sweep", "results", "secret-sweep", "--best", "loss", *args])
+        assert cli.exit_code == 0, cli.output
+        assert ('"param:api_key": "***"' if args else "***") in cli.output, cli.output
+        assert not _leaks(cli.output.encode())
 
     assert _files_with_secrets(home) == []
     leaked = [what for what, text in asyncio.run(_prefect_records()) if _leaks(text.encode())]
