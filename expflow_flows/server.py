@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,6 @@ def start(
     """
     if is_healthy(port, host):
         return api_url(port, host), False
-    state = _state_dir()
-    log_path = state / f"server-{port}.log"
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     env.pop("PREFECT_API_URL", None)
@@ -81,36 +80,55 @@ def start(
                 "or sqlite+aiosqlite://…"
             )
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    cmd = [
+        _prefect_exe(),
+        "server",
+        "start",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--analytics-off",
+    ]
+    _spawn_until(
+        cmd, f"server-{port}", env, lambda: is_healthy(port, host), wait, "the Prefect server", port
+    )
+    return api_url(port, host), True
+
+
+def _spawn_until(
+    cmd: list[str],
+    name: str,
+    env: dict[str, str] | None,
+    ready: Callable[[], bool],
+    wait: float,
+    what: str,
+    port: int,
+) -> None:
+    """Start ``cmd`` detached (log and pid file ``<name>.log/.pid`` in the state folder)
+    and wait until ``ready()``; one line when it exits or never gets ready."""
+    state = _state_dir()
+    log_path = state / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [
-                _prefect_exe(),
-                "server",
-                "start",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--analytics-off",
-            ],
+            cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
         )
-    (state / f"server-{port}.pid").write_text(str(proc.pid))
+    (state / f"{name}.pid").write_text(str(proc.pid))
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ExpflowError(
-                f"the Prefect server exited with code {proc.returncode} "
-                f"(port {port} busy?); see {log_path}"
+                f"{what} exited with code {proc.returncode} (port {port} busy?); see {log_path}"
             )
-        if is_healthy(port, host):
-            return api_url(port, host), True
-        time.sleep(0.5)
-    raise ExpflowError(f"the Prefect server did not become healthy in {wait:.0f} s; see {log_path}")
+        if ready():
+            return
+        time.sleep(0.3)
+    raise ExpflowError(f"{what} did not become ready in {wait:.0f} s; see {log_path}")
 
 
 def stop(port: int = DEFAULT_PORT, timeout: float = 15.0) -> bool:
@@ -218,37 +236,18 @@ def start_reports(port: int, host: str = "127.0.0.1", wait: float = 30.0) -> tup
     if _reports_answer(url):
         reports_server.record(url)
         return url, False
-    state = _state_dir()
-    log_path = state / f"reports-{port}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "expflow_flows.reports_server",
-                "--port",
-                str(port),
-                "--host",
-                host,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    (state / f"reports-{port}.pid").write_text(str(proc.pid))
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ExpflowError(
-                f"the reports server exited with code {proc.returncode} (port {port} busy?); "
-                f"see {log_path}"
-            )
-        if _reports_answer(url):
-            reports_server.record(url)
-            return url, True
-        time.sleep(0.2)
-    raise ExpflowError(f"the reports server did not answer in {wait:.0f} s; see {log_path}")
+    cmd = [sys.executable, "-m", "expflow_flows.reports_server", "--port", str(port)]
+    _spawn_until(
+        [*cmd, "--host", host],
+        f"reports-{port}",
+        None,
+        lambda: _reports_answer(url),
+        wait,
+        "the reports server",
+        port,
+    )
+    reports_server.record(url)
+    return url, True
 
 
 def stop_reports(port: int) -> bool:
